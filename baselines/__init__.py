@@ -1,0 +1,1 @@
+"""The baselines DoGraph is compared against, each a dograph.mixing.Mixer."""

@@ -1,0 +1,166 @@
+"""The composition root: typed config -> objects -> ``Trainer.fit`` -> export and report.
+
+``run.py`` (Hydra) converts the composed config to :class:`RunConfig` and calls
+:func:`run_training`. Mixer and objective nodes arrive as plain dicts with ``_target_``
+and are built with ``hydra.utils.instantiate``, with runtime objects passed as arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from dograph.config import RunConfig
+from dograph.data.builder import RunData, build_run_data
+from dograph.data.tokenizer import tokenizer_vocab_size
+from dograph.distributed import DistContext, barrier, init_distributed, shutdown
+from dograph.errors import ConfigError, DographError
+from dograph.metrics import MetricsWriter
+from dograph.mixing import Mixer
+from dograph.models import build_model, count_parameters, format_count
+from dograph.reporting import print_run_summary
+from dograph.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "hf", "wandb", "wandb_id", "run_info.json", "mixer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to resume or overwrite."""
+    existing = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise ConfigError(f"run directory {run_dir} already holds a run ({', '.join(existing)}): pass "
+                          "resume=true to continue it, overwrite=true to start over, or set hydra.run.dir")
+    if overwrite and is_main:
+        for name in existing:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext) -> Mixer:
+    """Instantiate ``cfg.mixer`` (a ``_target_`` dict) with the run's runtime objects."""
+    if not isinstance(cfg.mixer, dict) or "_target_" not in cfg.mixer:
+        raise ConfigError("mixer must be a config node with a _target_ (choose one with mixer=NAME)")
+    try:
+        mixer = instantiate(cfg.mixer, domains=list(data.corpus.domains),
+                            natural_mixture=list(data.corpus.natural_mixture), dist=dist, seed=cfg.seed)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, DographError):
+            raise cause from None
+        raise ConfigError(f"cannot build mixer {cfg.mixer.get('_target_')}: {exc}") from exc
+    if not isinstance(mixer, Mixer):
+        raise ConfigError(f"mixer._target_={cfg.mixer['_target_']} is not a dograph.mixing.Mixer")
+    return mixer
+
+
+def _git_info() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                    timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": dirty}
+
+
+def write_run_info(run_dir: Path, cfg: RunConfig, dist: DistContext, n_params: int) -> None:
+    """Provenance next to the metrics: git state, versions, machine, parameter count."""
+    packages = {}
+    for name in ("torch", "transformers", "datasets", "hydra-core", "faiss-cpu", "faiss-gpu", "cvxpy"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    info = {"git": _git_info(), "packages": packages, "python": sys.version.split()[0],
+            "machine": platform.platform(), "device": str(dist.device), "world_size": dist.world_size,
+            "parameters": n_params, "command": sys.argv, "config": asdict(cfg)}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def dry_run(cfg: RunConfig) -> None:
+    """``trainer.max_steps=0``: build the model only and print its size."""
+    model = build_model(cfg.model, tokenizer_vocab_size(cfg.tokenizer), seed=cfg.seed)
+    n = count_parameters(model)
+    print(f"model: {cfg.model.family} {cfg.model.n_layer} layers x {cfg.model.d_model}, "
+          f"{cfg.model.n_head} heads, vocabulary {tokenizer_vocab_size(cfg.tokenizer)} ({cfg.tokenizer}): "
+          f"{n:,} parameters ({format_count(n)})")
+
+
+def export_hf(trainer: Trainer, tokenizer: Any, run_dir: Path) -> Path:
+    out = run_dir / "hf"
+    trainer.model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
+    """Train as configured; returns the result (None for a dry run)."""
+    if cfg.trainer.max_steps == 0:
+        dry_run(cfg)
+        return None
+    dist = init_distributed(cfg.trainer.device)
+    try:
+        return _train(cfg, run_dir, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: DistContext) -> TrainResult:
+    prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)
+    barrier(dist)
+    seed_everything(cfg.seed)
+    data = build_run_data(cfg.dataset, tokenizer_name=cfg.tokenizer, seq_len=cfg.trainer.seq_len,
+                          cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed, dist=dist)
+    tok = data.tokenizer
+    model = build_model(cfg.model, len(tok), bos_id=tok.eos_token_id, eos_id=tok.eos_token_id, seed=cfg.seed)
+    model.to(dist.device)
+    n_params = count_parameters(model)
+    mixer = build_mixer(cfg, data, dist)
+    if dist.is_main:
+        print(f"model: {n_params:,} parameters ({format_count(n_params)}); data: {data.corpus.description}, "
+              f"{len(data.corpus.domains)} domains; device {dist.device} x {dist.world_size}; run dir {run_dir}")
+        write_run_info(run_dir, cfg, dist, n_params)
+    if cfg.trainer.compile:
+        model.compile()  # in place: state_dict keys and the HF export stay unchanged
+    writer = MetricsWriter(run_dir, cfg.logger, enabled=dist.is_main, config=asdict(cfg),
+                           run_name=run_dir.name or "run", resume=cfg.resume)
+    trainer = Trainer(cfg.trainer, model, data, mixer, dist=dist, run_dir=run_dir, writer=writer)
+    try:
+        result = trainer.fit(resume=cfg.resume)
+        if dist.is_main and not result.stopped_early:
+            export = export_hf(trainer, tok, run_dir) if cfg.trainer.export_hf else None
+            print_run_summary(result, data.corpus, mixer, run_dir, export)
+    finally:
+        writer.close()
+    return result
+
+
+def configure_threads() -> None:
+    """Quiet tokenizers' fork warning; honour an explicit thread count."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "DOGRAPH_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["DOGRAPH_THREADS"]))

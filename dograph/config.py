@@ -1,0 +1,213 @@
+"""Typed schemas of the configuration trunk, registered in Hydra's ConfigStore.
+
+Hydra composes ``conf/config.yaml`` on top of :class:`RunConfig`, so a value of the wrong
+type fails at composition with a message naming its key (``full_key: trainer.max_steps``);
+``__post_init__`` checks values (positivity, choices) when ``run.py`` converts the
+config to these dataclasses, before any work starts. Mixer and objective nodes are
+free-form (``_target_`` + that method's keyword arguments): their constructors check
+them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from dograph.errors import ConfigError
+
+
+def _require(cond: bool, key: str, message: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key} {message} (got {value!r})")
+
+
+def _require_positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value > 0, f"{prefix}.{name}", "must be > 0", value)
+
+
+def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
+
+
+TOKENIZER_PATTERN = re.compile(r"^(gpt2|bpe(\d+)k)$")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only transformer, built from scratch with transformers."""
+
+    family: str = "gpt2"  # gpt2 | llama
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # llama grouped-query attention; None = n_head
+    d_model: int = 256
+    d_ff: int = 1024
+    max_position_embeddings: int = 1024
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tokenizer: str = "bpe8k"  # default tokenizer of this shape (root key `tokenizer` reads it)
+
+    def __post_init__(self) -> None:
+        _require_choice(self.family, "model.family", ("gpt2", "llama"))
+        _require_positive(self, "model", ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+                                          "max_position_embeddings"))
+        _require(self.d_model % self.n_head == 0, "model.d_model",
+                 f"must be divisible by model.n_head={self.n_head}", self.d_model)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how validation is held out (DESIGN section 4)."""
+
+    source: str = "embedded"  # embedded | jsonl | hf
+    path: str | None = None  # jsonl: a directory or file; hf: a hub id or a local directory
+    hf_config: str | None = None  # the hub dataset's config name, if any
+    split: str = "train"
+    val_split: str | None = None  # a separate split to validate on; None = hold out documents
+    text_field: str = "text"
+    domain_field: str | None = None  # dotted path, e.g. meta.redpajama_set_name
+    domains: list[str] | None = None  # restrict to (and order) these domains
+    natural_mixture: dict[str, float] | None = None  # known proportions; None = measured bytes
+    val_fraction: float = 0.02  # share of documents held out for validation (hash-based)
+    val_sequences_per_domain: int = 16
+    val_seed: int = 1234  # fixes the held-out documents, independent of the run seed
+    skip_bad_lines: bool = False
+    min_domains: int = 4  # embedded corpus: go on if at least this many sources could be built
+
+    def __post_init__(self) -> None:
+        _require_choice(self.source, "dataset.source", ("embedded", "jsonl", "hf"))
+        _require(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", "must be in (0, 1)",
+                 self.val_fraction)
+        _require_positive(self, "dataset", ("val_sequences_per_domain", "min_domains"))
+        if self.source in ("jsonl", "hf"):
+            _require(bool(self.path), "dataset.path", f"must be set for dataset.source={self.source}",
+                     self.path)
+        if self.natural_mixture is not None:
+            _require(all(v >= 0 for v in self.natural_mixture.values())
+                     and sum(self.natural_mixture.values()) > 0,
+                     "dataset.natural_mixture", "must be non-negative with a positive sum",
+                     self.natural_mixture)
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop (paper setting: DESIGN section 1, their Table 9)."""
+
+    max_steps: int = 200
+    batch_size: int = 16  # global sequences per optimizer step (all ranks, all micro-batches)
+    micro_batch_size: int | None = None  # sequences per rank per forward; None = batch_size / world
+    seq_len: int = 128
+    lr: float = 5e-4  # peak learning rate
+    min_lr: float = 1e-4  # cosine floor
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999  # HF Trainer default, as in the loss-based reweighting code
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    eval_every: int = 50  # steps between validations; 0 = only at the end
+    eval_batch_size: int = 32
+    log_every: int = 10
+    ckpt_every: int = 100  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (GPU)
+    device: str = "auto"  # auto | cpu | cuda
+    weighted_update: str = "fast"  # fast (one backward) | two_pass (reference)
+    export_hf: bool = True  # save_pretrained of model and tokenizer at the end
+    progress: bool = True  # progress bar
+    stop_after_steps: int | None = None  # exit (checkpointed) after this many steps: simulates a kill
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0", self.max_steps)
+        _require_positive(self, "trainer", ("batch_size", "micro_batch_size", "seq_len",
+                                            "eval_batch_size", "log_every", "keep_checkpoints"))
+        _require(self.lr > 0, "trainer.lr", "must be > 0", self.lr)
+        _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", "must be in [0, trainer.lr]", self.min_lr)
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0", getattr(self, name))
+        _require_choice(self.precision, "trainer.precision", ("auto", "fp32", "bf16"))
+        _require_choice(self.device, "trainer.device", ("auto", "cpu", "cuda"))
+        _require_choice(self.weighted_update, "trainer.weighted_update", ("fast", "two_pass"))
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases; metrics.jsonl in the run directory is always written."""
+
+    mode: str = "offline"  # disabled | offline | online (only online touches the network)
+    project: str = "dograph"
+    entity: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_choice(self.mode, "logger.mode", ("disabled", "offline", "online"))
+
+
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"
+    cache_dir: str = ".cache/dograph"  # embedded corpus, tokenizers, offline-stage results
+
+
+@dataclass
+class RunConfig:
+    """The root of the configuration (``conf/config.yaml`` composes onto it)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    mixer: Any = None  # _target_ + kwargs (conf/mixer/*)
+    objective: Any = None  # _target_ + kwargs (conf/objective/*), read by mixers that optimise one
+    tokenizer: str = "bpe8k"  # gpt2 | bpe<N>k (a byte-level BPE of N*1024 entries trained locally)
+    m: int = 11  # number of model-centric domains (DoGraph clusters)
+    seed: int = 0
+    resume: bool = False  # continue from the latest checkpoint in the run directory
+    overwrite: bool = False  # start over in a run directory that already holds a run
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.m >= 1, "m", "must be >= 1", self.m)
+        _require(TOKENIZER_PATTERN.match(self.tokenizer) is not None, "tokenizer",
+                 "must be gpt2 or bpe<N>k (e.g. bpe8k)", self.tokenizer)
+        _require(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true",
+                 self.resume)
+        _require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
+                 f"must be <= model.max_position_embeddings={self.model.max_position_embeddings}",
+                 self.trainer.seq_len)
+
+
+def register_configs() -> None:
+    """Make the schema available to ``conf/config.yaml`` as the defaults entry ``schema``."""
+    ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict (for logging)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """The composed Hydra config as a validated :class:`RunConfig` (ConfigError names the bad key)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise ConfigError(str(exc)) from exc
+    if not isinstance(run_cfg, RunConfig):
+        raise ConfigError("the root config must be composed onto the `schema` (conf/config.yaml defaults)")
+    return run_cfg

@@ -1,0 +1,1 @@
+"""Data: per-domain text sources, tokenizers, packing, the mixture sampler, validation sets."""

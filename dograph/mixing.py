@@ -1,0 +1,107 @@
+"""The Mixer contract: the one abstraction every data-mixing method implements.
+
+The trainer asks a mixer two things and knows nothing else about it:
+
+* ``sampling_mixture()``: probabilities over *human* domains for the data sampler
+  (DoReMi, DoGE, RegMix, ... change what is drawn);
+* ``weigh(signals)``: per-sample loss weights for the current optimizer step
+  (DoGraph, loss-based reweighting change how much each drawn sample counts).
+
+A mixer declares in ``requires`` which costly signals it reads; the trainer computes
+only those (projected per-sample gradients need hooks and a projection, so a mixer
+that does not ask for them costs nothing). A mixer whose ``reweights`` is False is
+never called in the training step: ``mixer=uniform`` adds no work to the hot path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from dograph.projection import Projector
+
+
+class Signal(str, Enum):
+    """Optional per-step measurements a mixer may ask the trainer for."""
+
+    DOMAIN = "domain"  # [b] int64 human-domain id of each sequence
+    GRAD_PROJ = "grad_proj"  # [b, k] projected per-sample gradient (hooks + projection)
+
+
+@dataclass(frozen=True)
+class StepSignals:
+    """What the trainer measured on *this rank* for one optimizer step.
+
+    With gradient accumulation the micro-batches of the step are concatenated, so
+    ``b`` is the rank's share of the global batch (global batch / world size).
+    """
+
+    step: int
+    input_ids: Tensor  # [b, T] token ids (lets a mixer run its own frozen model)
+    loss: Tensor  # [b] mean token loss of each sequence, detached
+    domain: Tensor | None = None  # [b] if Signal.DOMAIN in requires
+    grad_proj: Tensor | None = None  # [b, k] if Signal.GRAD_PROJ in requires
+
+
+@dataclass
+class MixerOutput:
+    """A mixer's answer for one step.
+
+    ``sample_weights``: [b] non-negative weights of this rank's samples; summed over
+    the *global* batch (all ranks, all micro-batches) they equal 1, so the update is
+    ``sum_i v_i * grad(loss_i)``. ``None`` means the plain mean (every sample 1/B).
+    ``skip_step``: the optimizer step must not be taken (e.g. a non-finite gradient
+    signal); the trainer logs it and moves on. ``metrics``: ``"mixer/..."`` scalars or
+    small tensors the trainer logs at its log interval (mixers never log themselves).
+    """
+
+    sample_weights: Tensor | None = None
+    skip_step: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Mixer(ABC):
+    """Decides what is sampled and how much each sample counts.
+
+    Called by the trainer, on every rank, once per optimizer step (``weigh``) and after
+    it (``sampling_mixture``). A mixer never runs forward or backward of the trained
+    model; it sees only :class:`StepSignals`. Its whole state goes through
+    ``state_dict``/``load_state_dict`` into the checkpoint so a resumed run continues
+    exactly.
+    """
+
+    requires: ClassVar[frozenset[Signal]] = frozenset()
+    reweights: ClassVar[bool] = True  # False: weigh() is never called (uniform, static)
+
+    @property
+    def projector(self) -> Projector | None:
+        """The per-sample-gradient projector, for mixers that require GRAD_PROJ."""
+        return None
+
+    def sampling_mixture(self) -> Tensor | None:
+        """[D] probabilities over human domains, or None to keep the current mixture."""
+        return None
+
+    @abstractmethod
+    def weigh(self, signals: StepSignals) -> MixerOutput:
+        """Per-sample weights for this step (see :class:`MixerOutput`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """Final facts for the closing table of a run (weights, cluster tables, ...)."""
+        return {}
+
+    def save_artifacts(self, out_dir: Path) -> None:  # noqa: B027 (optional hook)
+        """Write histories (weights, assignments) under ``out_dir``; rank 0 only."""

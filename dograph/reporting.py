@@ -1,0 +1,49 @@
+"""Human-readable reports of runs (the closing table of ``run.py``; tables of the paper later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dograph.data.sources import Corpus
+    from dograph.mixing import Mixer
+    from dograph.trainer import TrainResult
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A plain Markdown table; floats get 4 significant decimals."""
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def validation_rows(final_eval: dict[str, Any], corpus: Corpus) -> list[list[Any]]:
+    rows = [[d, share, final_eval[f"val/{d}/loss"], final_eval[f"val/{d}/ppl"]]
+            for d, share in zip(corpus.domains, corpus.natural_mixture, strict=True)]
+    rows.append(["average (natural mixture)", 1.0, final_eval["val/avg_loss"], final_eval["val/avg_ppl"]])
+    return rows
+
+
+def print_run_summary(result: TrainResult, corpus: Corpus, mixer: Mixer, run_dir: Path,
+                      export: Path | None) -> None:
+    """The table a run ends with: per-domain validation loss and perplexity, and where things are."""
+    print("\nValidation (loss = mean token cross-entropy in nats; ppl = exp(loss))")
+    print(markdown_table(["domain", "natural share", "val loss", "val ppl"],
+                         validation_rows(result.final_eval, corpus)))
+    state = result.state
+    print(f"\nsteps: {state.step} ({state.skipped_steps} skipped)   tokens seen: {state.tokens_seen:,}   "
+          f"wall time: {format_seconds(state.elapsed)}")
+    for title, text in mixer.summary().items():
+        print(f"\n{title}\n{text}")
+    print(f"\nrun directory: {run_dir}")
+    print("  metrics.jsonl, checkpoints/, .hydra/config.yaml (resolved config), run_info.json"
+          + (", hf/ (AutoModelForCausalLM.from_pretrained loads it)" if export is not None else ""))

@@ -1,0 +1,127 @@
+"""How one optimizer step turns micro-batches into gradients, given what the mixer needs.
+
+The trainer picks one runner from the mixer's declared needs (never its name):
+
+* :class:`PlainStep`: the mixer never reweights (uniform, static mixtures). Each
+  micro-batch is forward/backward'ed at once with weight 1/B, under DDP when distributed.
+  No mixer code runs.
+* :class:`ReweightStep`: the mixer reweights from cheap signals (losses, domains). All
+  micro-batches are forwarded first (their graphs kept), the mixer weighs the whole step,
+  then each weighted loss is backpropagated. Gradients are summed over ranks explicitly.
+
+Sample weights ``v`` sum to 1 over the global batch, so the step's gradient is
+``sum_i v_i grad(l_i)`` summed over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dograph.data.sampler import Batch
+from dograph.distributed import DistContext, all_reduce_gradients
+from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
+from dograph.models import per_sample_loss
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # [b] detached per-sample losses of this rank (all micro-batches)
+    skipped: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What every runner needs; built once by the trainer."""
+
+    model: nn.Module  # the bare model
+    mixer: Mixer
+    dist: DistContext
+    global_batch: int  # sequences per optimizer step over all ranks and micro-batches
+    autocast: Callable[[], AbstractContextManager]
+
+
+class StepRunner(ABC):
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def forward_loss(self, batch: Batch) -> Tensor:
+        with self.ctx.autocast():
+            return per_sample_loss(self.ctx.model, batch.input_ids, batch.targets)
+
+    @abstractmethod
+    def run(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        """Leave the step's gradient in ``.grad`` (summed over ranks) unless skipped."""
+
+
+class PlainStep(StepRunner):
+    """Every sample weighs 1/B; DDP (when distributed) averages gradients during backward."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        super().__init__(ctx)
+        self.ddp_model: nn.Module | None = None
+        if ctx.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [ctx.dist.device.index] if ctx.dist.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(ctx.model, device_ids=device_ids)
+
+    def run(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        # DDP averages over ranks, so each rank scales by world / B to get sum_i (1/B) grad l_i.
+        scale = self.ctx.dist.world_size / self.ctx.global_batch
+        model = self.ddp_model or self.ctx.model
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if self.ddp_model is None or last else self.ddp_model.no_sync()
+            with sync, self.ctx.autocast():
+                loss = per_sample_loss(model, batch.input_ids, batch.targets)
+            (loss.sum() * scale).backward()
+            losses.append(loss.detach())
+        return StepResult(torch.cat(losses))
+
+
+def step_signals(ctx: StepContext, step: int, micro_batches: list[Batch], loss: Tensor,
+                 grad_proj: Tensor | None = None) -> StepSignals:
+    """The signals of the whole step (micro-batches concatenated), as the mixer declared."""
+    domain = torch.cat([b.domain for b in micro_batches]) if Signal.DOMAIN in ctx.mixer.requires else None
+    return StepSignals(step=step, input_ids=torch.cat([b.input_ids for b in micro_batches]), loss=loss,
+                       domain=domain, grad_proj=grad_proj)
+
+
+def resolve_weights(ctx: StepContext, out: MixerOutput, loss: Tensor) -> Tensor:
+    if out.sample_weights is None:
+        return torch.full_like(loss, 1.0 / ctx.global_batch)
+    return out.sample_weights.to(loss.dtype)
+
+
+class ReweightStep(StepRunner):
+    """Forward all micro-batches, let the mixer weigh the step, then backpropagate the weighted losses."""
+
+    def run(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        losses = [self.forward_loss(batch) for batch in micro_batches]
+        loss = torch.cat([l.detach() for l in losses])
+        out = self.ctx.mixer.weigh(step_signals(self.ctx, step, micro_batches, loss))
+        if out.skip_step:
+            return StepResult(loss, skipped=True, metrics=out.metrics)
+        weights = resolve_weights(self.ctx, out, loss).split([len(l) for l in losses])
+        for micro_loss, micro_weights in zip(losses, weights, strict=True):
+            (micro_loss * micro_weights).sum().backward()
+        all_reduce_gradients(self.ctx.dist, list(self.ctx.model.parameters()))
+        return StepResult(loss, metrics=out.metrics)
+
+
+def build_step_runner(ctx: StepContext, weighted_update: str = "fast") -> StepRunner:
+    """The cheapest runner that gives the mixer what it declared it needs."""
+    if Signal.GRAD_PROJ in ctx.mixer.requires:
+        from dograph.projected_step import ProjectedStep
+
+        return ProjectedStep(ctx, two_pass=weighted_update == "two_pass")
+    return ReweightStep(ctx) if ctx.mixer.reweights else PlainStep(ctx)

@@ -1,0 +1,178 @@
+"""The training loop: sample -> step (runner chosen from the mixer's needs) -> clip -> AdamW -> log/eval/ckpt.
+
+The trainer names no mixer; it only asks the mixer for a sampling mixture after each step
+and hands it to the step runner (``dograph.signals``). Everything stateful goes through
+one checkpoint, so ``resume=true`` continues exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dograph.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dograph.config import TrainerConfig
+from dograph.data.builder import RunData
+from dograph.distributed import DistContext, all_gather_objects
+from dograph.errors import ConfigError
+from dograph.evaluation import evaluate
+from dograph.metrics import MetricAccumulator, MetricsWriter
+from dograph.mixing import Mixer
+from dograph.optim import build_optimizer, learning_rate, set_learning_rate
+from dograph.signals import StepContext, build_step_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # training seconds over all sessions of the run
+    skipped_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    final_eval: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def micro_batch_plan(cfg: TrainerConfig, world: int) -> tuple[int, int]:
+    """(per-rank micro-batch size, accumulation steps) for the configured global batch."""
+    per_rank, remainder = divmod(cfg.batch_size, world)
+    if remainder:
+        raise ConfigError(f"trainer.batch_size={cfg.batch_size} must be divisible by the world size {world}")
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"trainer.micro_batch_size={micro} must divide the per-rank batch {per_rank} "
+                          f"(trainer.batch_size={cfg.batch_size} over {world} ranks)")
+    return micro, per_rank // micro
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, data: RunData, mixer: Mixer, *,
+                 dist: DistContext, run_dir: Path, writer: MetricsWriter) -> None:
+        self.cfg, self.model, self.data, self.mixer = cfg, model, data, mixer
+        self.dist, self.run_dir, self.writer = dist, run_dir, writer
+        self.micro_batch, self.accumulation = micro_batch_plan(cfg, dist.world_size)
+        self.optimizer = build_optimizer(model, cfg)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
+        self.runner = build_step_runner(StepContext(model, mixer, dist, cfg.batch_size, self.autocast),
+                                        cfg.weighted_update)
+        self.state = TrainState()
+        self.accumulator = MetricAccumulator()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> None:
+        ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state()})
+        if self.dist.is_main:
+            state = {"trainer": self.state.__dict__.copy(), "model": self.model.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "mixer": self.mixer.state_dict(),
+                     "ranks": ranks}
+            save_checkpoint(self.ckpt_dir, self.state.step, state, keep=self.cfg.keep_checkpoints)
+            self.mixer.save_artifacts(self.run_dir / "mixer")
+
+    def restore(self) -> bool:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        if len(state["ranks"]) != self.dist.world_size:
+            raise ConfigError(f"checkpoint {path} was written by {len(state['ranks'])} ranks; resume it with "
+                              f"the same number (this run has {self.dist.world_size})")
+        self.state = TrainState(**state["trainer"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.mixer.load_state_dict(state["mixer"])
+        self.data.sampler.load_state_dict(state["ranks"][self.dist.rank]["data"])
+        set_rng_state(state["ranks"][self.dist.rank]["rng"])
+        self.writer.truncate_after(self.state.step)
+        log.info("resumed from %s at step %d", path, self.state.step)
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------
+    def train_step(self) -> None:
+        step = self.state.step
+        set_learning_rate(self.optimizer, learning_rate(step, self.cfg))
+        batches = [self.data.sampler.next_batch(self.micro_batch).to(self.dist.device)
+                   for _ in range(self.accumulation)]
+        result = self.runner.run(step, batches)
+        metrics = {"train/loss": result.loss.mean(), **result.metrics}
+        if result.skipped:
+            self.state.skipped_steps += 1
+            log.warning("step %d skipped: the mixer reported a non-finite signal", step)
+        else:
+            if self.cfg.grad_clip > 0:
+                metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                            self.cfg.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if (mixture := self.mixer.sampling_mixture()) is not None:
+            self.data.sampler.set_mixture(mixture)
+        self.accumulator.add(metrics)
+        self.state.step += 1
+        self.state.tokens_seen += self.cfg.batch_size * self.cfg.seq_len
+
+    def run_eval(self) -> dict[str, Any]:
+        results = evaluate(self.model, self.data.validation, self.data.corpus.domains,
+                           self.data.corpus.natural_mixture, batch_size=self.cfg.eval_batch_size,
+                           device=self.dist.device, dist=self.dist, autocast=self.autocast())
+        self.writer.write("eval", self.state.step, {**results, "tokens_seen": self.state.tokens_seen})
+        return results
+
+    def log_train(self, bar: tqdm, started: float, tokens_at_start: int) -> None:
+        values = self.accumulator.flush()
+        wall = time.perf_counter() - started
+        values.update({"lr": learning_rate(self.state.step - 1, self.cfg), "tokens_seen": self.state.tokens_seen,
+                       "tokens_per_s": (self.state.tokens_seen - tokens_at_start) / max(wall, 1e-9),
+                       "skipped_steps": self.state.skipped_steps})
+        self.writer.write("train", self.state.step, values)
+        bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        if resume and not self.restore():
+            log.warning("resume=true but %s holds no checkpoint: starting from scratch", self.ckpt_dir)
+        cfg, stop = self.cfg, self.cfg.stop_after_steps
+        started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens_seen
+        base_elapsed = self.state.elapsed
+        bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and self.dist.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        self.model.train()
+        while self.state.step < cfg.max_steps:
+            self.train_step()
+            bar.update(1)
+            step = self.state.step
+            self.state.elapsed = base_elapsed + time.perf_counter() - started
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                self.log_train(bar, started, start_tokens)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                self.run_eval()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                self.save()
+            if stop is not None and step - start_step >= stop and step < cfg.max_steps:
+                self.save()
+                bar.close()
+                return TrainResult(self.state, stopped_early=True)
+        bar.close()
+        final = self.run_eval()
+        self.save()
+        return TrainResult(self.state, final_eval=final)
