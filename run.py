@@ -22,9 +22,9 @@ register_configs()
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dograph.app import configure_threads, run_training
+    from dograph.app import configure_runtime, run_training
 
-    configure_threads()
+    configure_runtime()
     try:
         run_training(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     except DographError as exc:

@@ -63,8 +63,10 @@ def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext) -> Mixer:
     if not isinstance(cfg.mixer, dict) or "_target_" not in cfg.mixer:
         raise ConfigError("mixer must be a config node with a _target_ (choose one with mixer=NAME)")
     try:
-        mixer = instantiate(cfg.mixer, domains=list(data.corpus.domains),
-                            natural_mixture=list(data.corpus.natural_mixture), dist=dist, seed=cfg.seed)
+        # a partial first: runtime objects passed through instantiate would become DictConfigs
+        make = instantiate(cfg.mixer, _partial_=True)
+        mixer = make(domains=list(data.corpus.domains), natural_mixture=list(data.corpus.natural_mixture),
+                     dist=dist, seed=cfg.seed)
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, DographError):
@@ -130,6 +132,7 @@ def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
 
 
 def _train(cfg: RunConfig, run_dir: Path, dist: DistContext) -> TrainResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)
     barrier(dist)
     seed_everything(cfg.seed)
@@ -159,8 +162,9 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext) -> TrainResult:
     return result
 
 
-def configure_threads() -> None:
-    """Quiet tokenizers' fork warning; honour an explicit thread count."""
+def configure_runtime() -> None:
+    """Quiet tokenizers' fork warning and FAISS's loader; honour an explicit thread count."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if "DOGRAPH_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["DOGRAPH_THREADS"]))

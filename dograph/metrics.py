@@ -46,16 +46,20 @@ class MetricAccumulator:
     def flush(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, values in self._values.items():
-            last = values[-1]
-            scalar = isinstance(last, int | float) or (isinstance(last, Tensor) and last.ndim == 0)
-            if scalar and all(isinstance(v, Tensor) for v in values):
+            if not all(_is_scalar(v) for v in values):
+                out[key] = values[-1]
+            elif all(isinstance(v, Tensor) for v in values):  # one device op, one host copy
                 out[key] = torch.stack([v.float() for v in values]).mean()
-            elif scalar:
+            else:  # floats, or lazy timers read now (float() of a CUDA timer waits for its events)
                 out[key] = sum(float(v) for v in values) / len(values)
-            else:
-                out[key] = last
         self._values.clear()
         return {k: to_python(v) for k, v in out.items()}
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.ndim == 0
+    return not isinstance(value, list | tuple | dict | str) and hasattr(value, "__float__")
 
 
 class MetricsWriter:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from dograph.projection import Projector
 
 
-class Signal(str, Enum):
+class Signal(StrEnum):
     """Optional per-step measurements a mixer may ask the trainer for."""
 
     DOMAIN = "domain"  # [b] int64 human-domain id of each sequence

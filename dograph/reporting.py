@@ -22,7 +22,7 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def format_seconds(seconds: float) -> str:
-    minutes, sec = divmod(int(round(seconds)), 60)
+    minutes, sec = divmod(round(seconds), 60)
     return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
 
 

@@ -68,7 +68,7 @@ def reference_value(obj: Objective, x: ObjectiveInputs, w: np.ndarray, w_prev: n
     if isinstance(obj, RobustObjective):
         wa = np.clip(w[act], 1e-300, None)
         centred = x.losses[act] - x.losses[act].mean()
-        return float(2.0 / n * (np.sum(wa * np.log(wa)) - obj.eta * centred @ wa) + extra)
+        return float(2.0 / len(act) * (np.sum(wa * np.log(wa)) - obj.eta * centred @ wa) + extra)
     target = reference_fixed_point(x.means, act, obj.iterations)
     return float(np.sum((w - target) ** 2) + extra)
 

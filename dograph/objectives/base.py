@@ -18,7 +18,8 @@ Conventions (our choices, all documented where used):
   own*, with the same meaning for every objective, dataset and gradient scale. The
   closed forms of DESIGN 2.4 are unchanged by this scaling (for ``robust`` the losses
   stay in nats so that ``softmax(eta * L)`` keeps its meaning; only the overall factor
-  and a constant shift change, which leave the minimiser unchanged).
+  and a constant shift change, which leave the minimiser unchanged; its factor uses m,
+  not the active count, to stay DPP, see :class:`RobustObjective`).
 * **Defaults** ``graph_weight = proximal_weight = 0.1``: each regulariser has a tenth of
   the objective's curvature, so it smooths and damps the weights without overriding
   the objective (our choice; the paper gives no values).
@@ -34,7 +35,7 @@ Conventions (our choices, all documented where used):
   sets parameter values and re-solves from CVXPY's cached parametrised program.
 * **Solver.** CLARABEL by default for every objective (our choice): at m = 11 it is as
   fast as OSQP through CVXPY (the solve is dominated by CVXPY's per-call overhead, about
-  1 ms) and, being interior-point, reaches tight tolerances (1e-10 here) in a few more
+  1 ms) and, being interior-point, reaches tight tolerances (1e-9 here) in a few more
   iterations, where OSQP and SCS are first-order methods. ``solver`` selects another
   supported one.
 * **Failures** never raise: a solver error, a non-optimal status or a non-finite or
@@ -65,10 +66,10 @@ Stats = dict[str, np.ndarray]  # an objective's normalised statistics for one st
 
 FEASIBILITY_TOL = 1e-4  # largest bound/sum violation accepted from a solver before cleaning
 _OK_STATUSES = (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
-# Tight tolerances (the problems are tiny, so this is cheap): CLARABEL's defaults (1e-8 on the
-# duality gap) leave about 3e-6 in w on the entropy cone; 1e-10 leaves about 4e-7 for +0.1 ms.
+# Tight tolerances (the problems are tiny, so this is cheap). On the entropy cone CLARABEL's
+# defaults (1e-8) leave up to 3e-5 in w, 1e-9 about 8e-6; at 1e-10 it often stops "almost solved".
 _SOLVER_OPTIONS = MappingProxyType({
-    "CLARABEL": MappingProxyType({"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}),
+    "CLARABEL": MappingProxyType({"tol_gap_abs": 1e-9, "tol_gap_rel": 1e-9, "tol_feas": 1e-9}),
     "OSQP": MappingProxyType({"eps_abs": 1e-8, "eps_rel": 1e-8, "polish": True, "max_iter": 20000}),
     "SCS": MappingProxyType({"eps_abs": 1e-8, "eps_rel": 1e-8, "max_iters": 20000}),
 })

@@ -16,12 +16,17 @@ class RobustObjective(Objective):
     """Entropy-regularised worst-case weighting of cluster losses (DESIGN 2.4).
 
     Solved as the minimisation of (our normalisation, see :mod:`.base`)
-    ``f(w) = (2 / n) * (sum_k w_k log w_k - eta * sum_k w_k (L_k - Lbar))``, ``n`` the number
-    of active clusters and ``Lbar`` their mean loss. This is ``-(2 / (n eta))`` times the
-    paper's objective up to a constant, so the maximiser is the same, and its Hessian at
-    uniform weights is ``2 I``. Losses stay in nats, so ``eta`` is an inverse temperature
-    per nat. CVXPY writes ``-p * sum(entr(w))`` with a nonneg Parameter ``p = 2 / n``
-    (exponential cone: CLARABEL by default, or SCS).
+    ``f(w) = (2 / m) * (sum_k w_k log w_k - eta * sum_k w_k (L_k - Lbar))``, ``m`` the number
+    of clusters and ``Lbar`` the active clusters' mean loss. This is ``-(2 / (m eta))`` times
+    the paper's objective up to a constant, so the maximiser is the same, and its Hessian at
+    uniform weights is ``2 I`` when all clusters are active (``2 n / m`` with ``n`` active:
+    a constant ``2 / m``, not ``2 / n``, keeps the entropy coefficient a constant, since a
+    Parameter times ``entr(...)`` would not be DPP; our choice). Losses stay in nats, so
+    ``eta`` is an inverse temperature per nat. CVXPY writes ``-(2/m) sum(entr(w + z))`` with a
+    Parameter ``z`` = 1 on inactive clusters, 0 on active ones (exponential cone: CLARABEL
+    by default, or SCS): ``z`` keeps an inactive cluster's cone constraint (``w_k = 0``) off
+    the cone's boundary, where the interior-point solver otherwise stalls short of its
+    tolerance (our choice; ``entr(1) = 0`` so the value is unchanged).
     """
 
     name = "robust"
@@ -41,22 +46,23 @@ class RobustObjective(Objective):
 
     def _main_term(self, w: cp.Variable) -> tuple[cp.Expression, list[cp.Constraint]]:
         self._linear = cp.Parameter(self.num_clusters, name="scaled_loss")
-        self._entropy_weight = cp.Parameter(nonneg=True, name="entropy_weight")
-        return -(self._linear @ w) - self._entropy_weight * cp.sum(cp.entr(w)), []
+        self._inactive = cp.Parameter(self.num_clusters, nonneg=True, name="inactive")
+        entropy = cp.sum(cp.entr(w + self._inactive))  # entr(0 + 1) = 0 off the boundary
+        return -(self._linear @ w) - (2.0 / self.num_clusters) * entropy, []
 
     def _prepare(self, inputs: ObjectiveInputs, active: np.ndarray) -> Stats:
         losses = np.asarray(inputs.losses, np.float64)
         centred = np.where(active, losses - losses[active].mean(), 0.0)
-        return {"losses": centred, "scale": np.array(2.0 / active.sum())}
+        return {"losses": centred}
 
     def _assign(self, stats: Stats) -> None:
-        self._linear.value = stats["scale"] * self.eta * stats["losses"]
-        self._entropy_weight.value = float(stats["scale"])
+        self._linear.value = (2.0 / self.num_clusters) * self.eta * stats["losses"]
+        self._inactive.value = (~stats["active"]).astype(np.float64)
 
     def _main_value(self, stats: Stats, w: np.ndarray) -> float:
         positive = w > 0
         neg_entropy = float(np.sum(w[positive] * np.log(w[positive])))
-        return float(stats["scale"]) * (neg_entropy - self.eta * float(stats["losses"] @ w))
+        return 2.0 / self.num_clusters * (neg_entropy - self.eta * float(stats["losses"] @ w))
 
     def _closed_form(self, stats: Stats) -> np.ndarray:
         active = stats["active"]

@@ -1,0 +1,46 @@
+# dograph: `make demo` and `make test` set everything up on a machine with Python 3.11.
+# They create .venv if it is missing and install the project (CPU torch pinned to 2.13.0).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A CPU build of torch (an unpinned torch, or one pulled by lm-eval/accelerate, is a multi-GB CUDA build).
+TORCH_CPU := torch==2.13.0
+PYTEST_FLAGS ?=
+
+.PHONY: help install demo test test-all lint clean distclean bench
+
+help:  ## List the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing dograph and its dependencies into $(VENV) (first time: about 2 minutes)"
+	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_CPU)" -e ".[cpu,dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install the project (CPU)
+
+demo: $(STAMP)  ## Train the default mixer on the embedded offline corpus (a few minutes on 2 CPU cores)
+	$(PY) run.py overwrite=true
+
+test: $(STAMP)  ## Run the fast test suite (no slow tests; under 15 minutes on 2 cores)
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_FLAGS)
+
+test-all: $(STAMP)  ## Run every test, slow and multi-process ones included
+	$(PY) -m pytest -q $(PYTEST_FLAGS)
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check .
+
+bench: $(STAMP)  ## CPU throughput: the trainer (uniform) vs a plain PyTorch loop
+	$(PY) benchmarks/throughput.py
+
+clean:  ## Remove run outputs and tool caches (keeps .venv and the data cache)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+distclean: clean  ## Also remove .venv and the data/tokenizer cache
+	rm -rf $(VENV) .cache

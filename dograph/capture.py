@@ -1,0 +1,228 @@
+"""Hooks that project per-sample gradients in the ordinary backward and defer the weight gradients.
+
+During a capturing forward/backward (DESIGN 2.1, 2.5, section 6):
+
+* every parameter has ``requires_grad=False``, so autograd computes no weight gradient at
+  all (only activation gradients); hooked module outputs are made to require grad so the
+  backward still flows;
+* a forward hook on each module that owns parameters keeps its inputs; a tensor hook on
+  its output receives the output-grad ``Delta`` (per sample, since the backward is of
+  ``sum_i l_i``);
+* for projected layers the hook writes ``(Delta_i R)^T (A_i S)`` into the step's
+  projection buffer (no host synchronisation inside hooks).
+
+Once the mixer has weighed the samples (``v``), :meth:`GradientCapture.apply_weights` forms
+every parameter's gradient ``sum_i v_i g_i`` from what the hooks kept: ``Delta^T diag(v) A``
+for Linear/Conv1D weights (the matmul autograd skipped: no second backward), and for the
+small modules (norms, embeddings) a local re-forward whose vjp takes ``v``-scaled
+output-grads. The two-pass reference keeps nothing and backpropagates ``sum_i v_i l_i``
+again instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from transformers.pytorch_utils import Conv1D
+
+from dograph.errors import ConfigError
+from dograph.projection import BoundProjection, LayerProjection, is_linear
+
+
+@dataclass
+class _Call:
+    """One call of a hooked module during a capturing backward."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output_grad: Tensor | None = None
+
+
+@dataclass
+class _Hooked:
+    name: str
+    module: nn.Module
+    projection: LayerProjection | None
+    calls: list[_Call] = field(default_factory=list)
+
+
+class StepTimer:
+    """Accumulates seconds of device work without synchronising (CUDA events, read lazily)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[Any, Any]] = []
+        self.seconds = 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - began
+
+    def __float__(self) -> float:
+        """Total seconds; on CUDA this waits for the recorded events (call it at log time)."""
+        return self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000.0
+
+
+class GradientCapture:
+    """Owns the hooks of one model; inactive (a cheap flag check) outside :meth:`capturing`."""
+
+    def __init__(self, model: nn.Module, projection: BoundProjection, *, keep_for_update: bool) -> None:
+        self.model, self.projection, self.keep_for_update = model, projection, keep_for_update
+        self.device = next(model.parameters()).device
+        by_module = {id(layer.module): layer for layer in projection.layers}
+        self.hooked = [_Hooked(name, module, by_module.get(id(module)))
+                       for name, module in model.named_modules() if any(True for _ in module.parameters(False))]
+        self._check_supported()
+        self.active, self.batch_size = False, 0
+        self.micro: list[list[list[_Call]]] = []  # per micro-batch, per hooked module: its calls
+        self.blocks: Tensor | None = None
+        self.timer = StepTimer(self.device)
+        self.handles: list[RemovableHandle] = [
+            h.module.register_forward_hook(self._forward_hook(h), with_kwargs=True) for h in self.hooked]
+
+    def _check_supported(self) -> None:
+        if not self.keep_for_update:
+            return
+        for h in self.hooked:
+            if is_linear(h.module):
+                continue
+            if any(True for _ in h.module.children()) and any(True for _ in h.module.parameters(False)):
+                raise ConfigError(f"the one-backward weighted update cannot handle module {h.name} "
+                                  f"({type(h.module).__name__}): use trainer.weighted_update=two_pass")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    # ---- the capturing forward/backward ----------------------------------------------------
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Hooks on, parameter gradients off, for the forward and backward of the step's micro-batches."""
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        self.active, self.micro, self.timer = True, [], StepTimer(self.device)
+        try:
+            yield
+        finally:
+            self.active = False
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+
+    def start_micro_batch(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        for h in self.hooked:
+            h.calls = []
+        self.blocks = torch.zeros(batch_size, self.projection.blocks_dim, device=self.device,
+                                  dtype=self.projection.layers[0].left.dtype)
+
+    def end_micro_batch(self) -> Tensor:
+        """[b, k] projected gradients of the micro-batch just backpropagated."""
+        if self.keep_for_update:
+            self.micro.append([h.calls for h in self.hooked])
+        for h in self.hooked:
+            h.calls = []
+        with self.timer.measure():
+            projected = self.projection.finish(self.blocks)
+        self.blocks = None
+        return projected
+
+    def _forward_hook(self, hooked: _Hooked):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.active or not isinstance(output, Tensor):
+                return None
+            call = _Call(tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
+            hooked.calls.append(call)
+            if not output.requires_grad:  # a first layer: its inputs carry no grad, params are frozen
+                output.requires_grad_(True)
+            if output.ndim > 0 and output.shape[0] == 1 and self.batch_size > 1:
+                # broadcast over the batch downstream (GPT-2's position embedding): expand it so
+                # the output-grad keeps one row per sample instead of their sum
+                output = output.expand(self.batch_size, *output.shape[1:])
+            output.register_hook(self._grad_hook(hooked, call))
+            return output
+
+        return hook
+
+    def _grad_hook(self, hooked: _Hooked, call: _Call):
+        def hook(grad: Tensor) -> None:
+            if hooked.projection is not None:
+                with self.timer.measure():
+                    layer = hooked.projection
+                    self.blocks[:, layer.offset:layer.offset + layer.right.shape[1] ** 2] += layer.project(
+                        call.args[0], grad)
+            if self.keep_for_update:
+                call.output_grad = grad
+            else:
+                call.args, call.kwargs = (), {}
+
+        return hook
+
+    # ---- the deferred weighted gradient ---------------------------------------------------------
+    def apply_weights(self, weights: list[Tensor]) -> None:
+        """Add ``sum_i v_i g_i`` to every parameter's ``.grad``; ``weights[j]`` is micro-batch j's [b]."""
+        if len(weights) != len(self.micro):
+            raise RuntimeError(f"{len(weights)} weight vectors for {len(self.micro)} captured micro-batches")
+        for micro_calls, v in zip(self.micro, weights, strict=True):
+            for hooked, calls in zip(self.hooked, micro_calls, strict=True):
+                for call in calls:
+                    if call.output_grad is None:  # the module's output did not reach the loss
+                        continue
+                    scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
+                    if is_linear(hooked.module):
+                        _linear_grads(hooked.module, call.args[0], call.output_grad * scale)
+                    else:
+                        _module_grads(hooked.module, call, call.output_grad * scale)
+        self.micro = []
+
+
+def _accumulate(param: nn.Parameter, value: Tensor) -> None:
+    value = value.to(param.dtype)
+    param.grad = value if param.grad is None else param.grad + value
+
+
+def _linear_grads(module: nn.Module, inputs: Tensor, scaled_grad: Tensor) -> None:
+    """Weight (and bias) gradient of a Linear/Conv1D from inputs and v-scaled output-grads."""
+    a = inputs.reshape(-1, inputs.shape[-1]).to(scaled_grad.dtype)  # [N, d_in]
+    d = scaled_grad.reshape(-1, scaled_grad.shape[-1])  # [N, d_out]
+    weight_grad = a.t() @ d if isinstance(module, Conv1D) else d.t() @ a
+    _accumulate(module.weight, weight_grad)
+    if module.bias is not None:
+        _accumulate(module.bias, d.sum(0))
+
+
+def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor) -> None:
+    """Gradients of a small module's own parameters by a local re-forward and vjp."""
+    params = list(module.parameters(False))
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            output = module(*call.args, **call.kwargs)
+            if output.shape != scaled_grad.shape:  # an output the forward hook expanded over the batch
+                scaled_grad = scaled_grad.sum(0, keepdim=True)
+            grads = torch.autograd.grad(output, params, grad_outputs=scaled_grad.to(output.dtype),
+                                        allow_unused=True)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            _accumulate(p, g)

@@ -1,0 +1,73 @@
+"""Per-step and per-refresh records of the DoGraph mixer, saved as files for plots (DESIGN 2.6).
+
+``weights.csv``: one row per weighted step (cluster weights, batch cluster sizes, objective
+value, fallback flag); ``assignments.npz``: per step the cluster of every sample of the
+global batch and its human domain; ``refreshes.jsonl``: per K-means refresh the centroid
+drift, the cluster-vs-domain contingency table, ARI and NMI.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class MixerHistory:
+    steps: list[int] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)
+    sizes: list[list[int]] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    fallbacks: list[bool] = field(default_factory=list)
+    assignments: list[np.ndarray] = field(default_factory=list)
+    domains: list[np.ndarray] = field(default_factory=list)
+    refreshes: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_step(self, step: int, weights: np.ndarray, sizes: np.ndarray, value: float, fallback: bool,
+                    assignment: np.ndarray, domain: np.ndarray) -> None:
+        self.steps.append(step)
+        self.weights.append([float(w) for w in weights])
+        self.sizes.append([int(n) for n in sizes])
+        self.values.append(float(value))
+        self.fallbacks.append(bool(fallback))
+        self.assignments.append(assignment.astype(np.int16))
+        self.domains.append(domain.astype(np.int16))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: list(getattr(self, name)) for name in self.__dataclass_fields__}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, list(state[name]))
+
+    def save(self, out_dir: Path) -> None:
+        """Write the three files atomically (each via a temp file and a rename)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        m = len(self.weights[0]) if self.weights else 0
+        header = ["step", "objective_value", "fallback", *(f"w{k}" for k in range(m)),
+                  *(f"n{k}" for k in range(m))]
+        rows = [[s, v, int(f), *w, *n] for s, v, f, w, n in
+                zip(self.steps, self.values, self.fallbacks, self.weights, self.sizes, strict=True)]
+        _atomic(out_dir / "weights.csv", lambda h: csv.writer(h).writerows([header, *rows]), text=True)
+        _atomic(out_dir / "assignments.npz", lambda h: np.savez_compressed(
+            h, step=np.asarray(self.steps, dtype=np.int64), cluster=_stack(self.assignments),
+            domain=_stack(self.domains)))
+        _atomic(out_dir / "refreshes.jsonl", lambda h: h.write("".join(json.dumps(r) + "\n" for r in self.refreshes)),
+                text=True)
+
+
+def _stack(rows: list[np.ndarray]) -> np.ndarray:
+    return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int16)
+
+
+def _atomic(path: Path, write, text: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
+        write(handle)
+    os.replace(tmp, path)
