@@ -47,3 +47,60 @@ def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path) -
     assert abs(single_val - ddp_val) < 0.03 * single_val, (single_val, ddp_val)
     assert (tmp_path / "ddp" / "checkpoints" / "latest").exists()
     assert len([r for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train"]) == 24  # rank 0 only
+
+
+def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str) -> None:
+    """Run 4 DoGraph steps on this rank's slice of fixed global batches; save grads and weights."""
+    import functools
+
+    import torch
+    import torch.distributed as dist
+
+    from dograph.config import ModelConfig
+    from dograph.data.sampler import Batch
+    from dograph.distributed import DistContext
+    from dograph.dograph_mixer import DoGraphMixer
+    from dograph.models import build_model
+    from dograph.objectives import UncertaintyObjective
+    from dograph.projection import KroneckerProjector
+    from dograph.signals import StepContext, build_step_runner
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ctx_dist = DistContext(rank=rank, world_size=world)
+    model = build_model(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, max_position_embeddings=32), 97, seed=3)
+    mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
+                         projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8, dist=ctx_dist)
+    ctx = StepContext(model, mixer, ctx_dist, 8, lambda: torch.autocast("cpu", enabled=False))
+    runner = build_step_runner(ctx, "two_pass" if two_pass else "fast")
+    records = []
+    for step in range(4):
+        tokens = torch.randint(0, 97, (8, 13), generator=torch.Generator().manual_seed(step))
+        local = tokens[rank * 8 // world:(rank + 1) * 8 // world]
+        micro = [Batch(local[:, :-1], local[:, 1:], torch.zeros(len(local), dtype=torch.long))]
+        result = runner.run(step, micro)
+        records.append({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                        "skipped": result.skipped})
+        model.zero_grad(set_to_none=True)
+    torch.save(records, f"{out_dir}/rank{rank}_world{world}_{'two' if two_pass else 'fast'}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("two_pass", [False, True], ids=["fast", "two_pass"])
+def test_dograph_ddp_gradients_equal_single_process(tmp_path: Path, two_pass: bool) -> None:
+    """Weights come from the gathered global batch, so 2 ranks reproduce one process exactly."""
+    import torch
+    import torch.multiprocessing as mp
+
+    _dograph_steps(0, 1, 0, two_pass, str(tmp_path))
+    mp.spawn(_dograph_steps, args=(2, free_port(), two_pass, str(tmp_path)), nprocs=2, join=True)
+    tag = "two" if two_pass else "fast"
+    single = torch.load(tmp_path / f"rank0_world1_{tag}.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"rank{r}_world2_{tag}.pt", weights_only=False) for r in (0, 1)]
+    for step in range(4):
+        for name, expected in single[step]["grads"].items():
+            for rank in ranks:
+                got = rank[step]["grads"][name]
+                assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7), (step, name)
