@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_FLAGS ?=
 
-.PHONY: help install demo test test-all lint clean distclean bench
+.PHONY: help install demo test test-all lint clean distclean bench table8
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ lint: $(STAMP)  ## ruff
 
 bench: $(STAMP)  ## CPU throughput: the trainer (uniform) vs a plain PyTorch loop
 	$(PY) benchmarks/throughput.py
+
+table8: $(STAMP)  ## Paper Table 8: model shapes and parameter counts from conf/model/*
+	$(PY) experiments/table8_shapes.py
 
 clean:  ## Remove run outputs and tool caches (keeps .venv and the data cache)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

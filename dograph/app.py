@@ -104,8 +104,9 @@ def write_run_info(run_dir: Path, cfg: RunConfig, dist: DistContext, n_params: i
 
 
 def dry_run(cfg: RunConfig) -> None:
-    """``trainer.max_steps=0``: build the model only and print its size."""
-    model = build_model(cfg.model, tokenizer_vocab_size(cfg.tokenizer), seed=cfg.seed)
+    """``trainer.max_steps=0``: build the model only (on the meta device: no memory) and print its size."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, tokenizer_vocab_size(cfg.tokenizer), seed=cfg.seed)
     n = count_parameters(model)
     print(f"model: {cfg.model.family} {cfg.model.n_layer} layers x {cfg.model.d_model}, "
           f"{cfg.model.n_head} heads, vocabulary {tokenizer_vocab_size(cfg.tokenizer)} ({cfg.tokenizer}): "

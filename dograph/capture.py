@@ -185,10 +185,10 @@ class GradientCapture:
                 for call in calls:
                     if call.output_grad is None:  # the module's output did not reach the loss
                         continue
-                    scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
                     if is_linear(hooked.module):
-                        _linear_grads(hooked.module, call.args[0], call.output_grad * scale)
+                        _linear_grads(hooked.module, call.args[0], call.output_grad, v)
                     else:
+                        scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
                         _module_grads(hooked.module, call, call.output_grad * scale)
         self.micro = []
 
@@ -198,14 +198,23 @@ def _accumulate(param: nn.Parameter, value: Tensor) -> None:
     param.grad = value if param.grad is None else param.grad + value
 
 
-def _linear_grads(module: nn.Module, inputs: Tensor, scaled_grad: Tensor) -> None:
-    """Weight (and bias) gradient of a Linear/Conv1D from inputs and v-scaled output-grads."""
-    a = inputs.reshape(-1, inputs.shape[-1]).to(scaled_grad.dtype)  # [N, d_in]
-    d = scaled_grad.reshape(-1, scaled_grad.shape[-1])  # [N, d_out]
-    weight_grad = a.t() @ d if isinstance(module, Conv1D) else d.t() @ a
+def _linear_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, v: Tensor) -> None:
+    """Weight (and bias) gradient ``Delta^T diag(v) A`` of a Linear/Conv1D.
+
+    ``v`` scales whichever side is narrower (the inputs of the output head rather than its
+    vocabulary-wide output-grads), so the weighting costs one pass over the smaller tensor.
+    """
+    d = output_grad.reshape(-1, output_grad.shape[-1])  # [N, d_out]
+    a = inputs.reshape(-1, inputs.shape[-1]).to(d.dtype)  # [N, d_in]
+    per_row = v.to(d.dtype).repeat_interleave(d.shape[0] // v.shape[0]).unsqueeze(1)  # [N, 1]
+    if a.shape[1] <= d.shape[1]:
+        a, d_weighted = a * per_row, d
+    else:
+        d_weighted = d * per_row
+    weight_grad = a.t() @ d_weighted if isinstance(module, Conv1D) else d_weighted.t() @ a
     _accumulate(module.weight, weight_grad)
     if module.bias is not None:
-        _accumulate(module.bias, d.sum(0))
+        _accumulate(module.bias, (per_row.t() @ d).squeeze(0))
 
 
 def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor) -> None:

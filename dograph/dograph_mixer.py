@@ -61,6 +61,7 @@ class DoGraphMixer(Mixer):
     def __init__(self, *, num_clusters: int, objective: Callable[..., Objective], projection: KroneckerProjector,
                  buffer_size: int = 4096, recluster_every: int | None = None, ema_beta: float = 0.9,
                  kmeans_iterations: int = 3, kmeans_warm_iterations: int = 1, kmeans_restarts: int = 3,
+                 cluster_on: str = "direction",
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
         if num_clusters < 1:
@@ -72,6 +73,9 @@ class DoGraphMixer(Mixer):
             raise ConfigError(f"mixer.recluster_every must be >= 1 or null (got {recluster_every})")
         if not 0.0 <= ema_beta < 1.0:
             raise ConfigError(f"mixer.ema_beta must be in [0, 1) (got {ema_beta})")
+        if cluster_on not in ("raw", "direction"):
+            raise ConfigError(f"mixer.cluster_on must be raw or direction (got {cluster_on!r})")
+        self.cluster_on = cluster_on
         self.m, self.buffer_size, self.recluster_every = num_clusters, buffer_size, recluster_every
         self.ema_beta, self.domains = ema_beta, list(domains)
         self.dist = dist or DistContext()
@@ -125,7 +129,7 @@ class DoGraphMixer(Mixer):
         fitted = self.clusterer.centroids is not None
         finite = torch.isfinite(g).all() & torch.isfinite(loss).all()
         if fitted:
-            assign = self.clusterer.assign(torch.nan_to_num(g))
+            assign = self.clusterer.assign(self._cluster_space(torch.nan_to_num(g)))
             saved = self.stats.state_dict()
             self.stats.update(torch.nan_to_num(g), assign, torch.nan_to_num(loss))
             host = self._to_host(finite, g, assign, domain)  # the step's one host synchronisation
@@ -160,12 +164,13 @@ class DoGraphMixer(Mixer):
         """Everything the solve and the history need, in one device-to-host copy."""
         s, m, k = self.stats, self.m, g.shape[1]
         labels = domain if domain is not None else torch.full_like(assign, -1)
-        parts = [finite.float().view(1), s.counts, s.variances, s.losses, s.active.float(), s.batch_counts.float(),
+        parts = [finite.float().view(1), s.counts, s.variances, s.variance_known.float(), s.losses, s.active.float(),
+                 s.batch_counts.float(),
                  s.means.flatten(), g.mean(0), cosine_adjacency(s.means, s.active).flatten(),
                  assign.float(), labels.float()]
         flat = torch.cat([p.float().reshape(-1) for p in parts]).cpu().double().numpy()
-        sizes = [1, m, m, m, m, m, m * k, k, m * m, len(assign), len(assign)]
-        names = ["finite", "counts", "variances", "losses", "active", "sizes", "means", "mean_grad",
+        sizes = [1, m, m, m, m, m, m, m * k, k, m * m, len(assign), len(assign)]
+        names = ["finite", "counts", "variances", "variance_known", "losses", "active", "sizes", "means", "mean_grad",
                  "adjacency", "assign", "domain"]
         out = dict(zip(names, np.split(flat, np.cumsum(sizes)[:-1]), strict=True))
         out["finite"], out["active"] = out["finite"][0] > 0.5, out["active"] > 0.5
@@ -176,7 +181,10 @@ class DoGraphMixer(Mixer):
 
     @staticmethod
     def _objective_inputs(host: dict[str, Any]) -> ObjectiveInputs:
-        return ObjectiveInputs(counts=host["counts"], means=host["means"], variances=host["variances"],
+        """The solve's inputs; a cluster never seen with two samples gets the mean known variance (our choice)."""
+        known = host["variance_known"] > 0.5
+        variances = np.where(known, host["variances"], host["variances"][known].mean() if known.any() else 1.0)
+        return ObjectiveInputs(counts=host["counts"], means=host["means"], variances=variances,
                                losses=host["losses"], adjacency=host["adjacency"], mean_grad=host["mean_grad"],
                                active=host["active"])
 
@@ -188,11 +196,18 @@ class DoGraphMixer(Mixer):
             self._announced_warmup = True
 
     # ---- K-means refreshes ---------------------------------------------------------------------
+    def _cluster_space(self, g: Tensor) -> Tensor:
+        """What K-means sees: the projected gradients, or their directions (``cluster_on=direction``)."""
+        if self.cluster_on == "raw":
+            return g
+        return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
     def _maybe_refresh(self, step: int) -> dict[str, Any]:
         due = self.clusterer.centroids is None or step - self.last_refresh_step >= self.recluster_every
         if not (self.buffer.is_full and due):
             return {}
         data = self.buffer.data()
+        data = self._cluster_space(data)
         refresh = self.clusterer.fit(data)
         if self.last_refresh_step < 0:
             log.info("DoGraph: first clustering at step %d (%d points, m=%d, %s): weights from the next step on",

@@ -23,16 +23,18 @@ from torch import Tensor
 
 __all__ = ["Agreement", "ClusterStatistics", "cluster_domain_agreement", "cosine_adjacency", "laplacian"]
 
-_STATE_TENSORS = ("counts", "means", "variances", "losses", "active", "batch_counts")
+_STATE_TENSORS = ("counts", "means", "variances", "losses", "active", "variance_known", "batch_counts")
 
 
 def _batch_statistics(proj: Tensor, assign: Tensor, loss: Tensor, m: int) -> tuple[Tensor, ...]:
     """Per-cluster count [m], mean [m, dim], variance [m] and mean loss [m] of one batch.
 
-    The variance is mean ||g_i - mean_k||^2 around the *batch's own* cluster mean (our
-    choice: the within-batch spread, not inflated by how far the cluster's EMA mean lags
-    behind; biased, i.e. divided by n_k, so a singleton has variance 0). Clusters absent
-    from the batch get zeros (never read: ``_fold`` keeps their old values).
+    The variance is sum ||g_i - mean_k||^2 / (n_k - 1) around the *batch's own* cluster
+    mean (our choice: the within-batch spread, not inflated by how far the cluster's EMA
+    mean lags behind; unbiased, and only folded in where n_k >= 2, since one sample says
+    nothing about spread and a variance of 0 would hand the ``uncertainty`` objective's
+    w ~ 1/s2 to any singleton). Clusters absent from the batch get zeros (never read:
+    ``_fold`` keeps their old values).
     """
     counts = torch.zeros(m, dtype=proj.dtype, device=proj.device).index_add_(0, assign, torch.ones_like(loss))
     denom = counts.clamp_min(1.0)
@@ -40,7 +42,7 @@ def _batch_statistics(proj: Tensor, assign: Tensor, loss: Tensor, m: int) -> tup
     means = means / denom[:, None]
     resid = proj - means[assign]
     sq = (resid * resid).sum(1)
-    variances = torch.zeros_like(counts).index_add_(0, assign, sq) / denom
+    variances = torch.zeros_like(counts).index_add_(0, assign, sq) / (counts - 1.0).clamp_min(1.0)
     losses = torch.zeros_like(counts).index_add_(0, assign, loss) / denom
     return counts, means, variances, losses
 
@@ -75,6 +77,7 @@ class ClusterStatistics:
         self.variances = torch.zeros(m, **kw)
         self.losses = torch.zeros(m, **kw)
         self.active = torch.zeros(m, dtype=torch.bool, device=self._device)
+        self.variance_known = torch.zeros(m, dtype=torch.bool, device=self._device)  # seen with n_k >= 2
         self.batch_counts = torch.zeros(m, dtype=torch.int64, device=self._device)
 
     def update(self, proj: Tensor, assign: Tensor, loss: Tensor) -> None:
@@ -96,7 +99,10 @@ class ClusterStatistics:
         b = self.beta
         self.counts = torch.where(first, counts, b * self.counts + (1.0 - b) * counts)
         self.means = _fold(self.means, means, first, seen, b)
-        self.variances = _fold(self.variances, variances, first, seen, b)
+        spread = counts >= 2
+        self.variances = _fold(self.variances, variances, spread & ~self.variance_known,
+                               spread & self.variance_known, b)
+        self.variance_known = self.variance_known | spread
         self.losses = _fold(self.losses, losses, first, seen, b)
         self.active = self.active | present
         self.batch_counts = counts.to(torch.int64)

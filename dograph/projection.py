@@ -165,21 +165,39 @@ class LossModule(nn.Module):
 
 
 class DenseReferenceProjector:
-    """Exact per-sample gradients of the selected layers times a dense Gaussian [P, k] (reference)."""
+    """Exact per-sample gradients of the selected layers times a dense Gaussian [P, k] (reference).
 
-    def __init__(self, *, out_dim: int = 1024, seed: int = 0, row_chunk: int = 1 << 16) -> None:
-        self.out_dim, self.seed, self.row_chunk = out_dim, seed, row_chunk
+    The Gaussian is drawn on the gradients' device in row chunks from per-chunk seeds (so
+    its values depend on the device) and kept between calls while it fits in
+    ``cache_bytes``; beyond that (GPT-2 Small: P x k is about 700 GB) it is drawn anew each
+    call. Memory is O(B x P) for the per-sample gradients: small models only.
+    """
+
+    def __init__(self, *, out_dim: int = 1024, seed: int = 0, row_chunk: int = 1 << 16,
+                 cache_bytes: int = 1 << 30) -> None:
+        self.out_dim, self.seed, self.row_chunk, self.cache_bytes = out_dim, seed, row_chunk, cache_bytes
+        self._cache: dict[tuple[int, int, str], Tensor] = {}
+
+    def _block(self, index: int, start: int, rows: int, device: torch.device) -> Tensor:
+        key = (index, start, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        generator = torch.Generator(device=device).manual_seed(layer_seed(self.seed, index, start + 3))
+        block = torch.randn(rows, self.out_dim, generator=generator, device=device) * self.out_dim**-0.5
+        cached = sum(b.numel() * 4 for b in self._cache.values())
+        if cached + block.numel() * 4 <= self.cache_bytes:
+            self._cache[key] = block
+        return block
 
     def project(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]], input_ids: Tensor,
                 targets: Tensor) -> Tensor:
         wrapped = LossModule(model)
-        names = {id(m): f"model.{n}.weight" for n, m in layers}
-        grads = exact_per_sample_grads(wrapped, input_ids, targets, list(names.values()))
+        names = [f"model.{n}.weight" for n, _ in layers]
+        grads = exact_per_sample_grads(wrapped, input_ids, targets, names)
         out = torch.zeros(len(input_ids), self.out_dim, device=input_ids.device)
-        for index, name in enumerate(names.values()):
+        for index, name in enumerate(names):
             flat = grads[name].flatten(1).float()
             for start in range(0, flat.shape[1], self.row_chunk):
                 rows = min(self.row_chunk, flat.shape[1] - start)
-                block = gaussian(rows, self.out_dim, self.out_dim**-0.5, layer_seed(self.seed, index, start + 3))
-                out += flat[:, start:start + rows] @ block.to(flat.device)
+                out += flat[:, start:start + rows] @ self._block(index, start, rows, flat.device)
         return out

@@ -28,7 +28,8 @@ def test_ema_on_a_hand_computed_two_step_example():
     # first observation initialises (no decay from zero)
     assert stats.counts.tolist() == [2.0, 1.0, 0.0]
     assert torch.equal(stats.means, torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))
-    assert stats.variances.tolist() == [1.0, 0.0, 0.0]
+    assert stats.variances.tolist() == [2.0, 0.0, 0.0]  # unbiased; a singleton leaves it unknown
+    assert stats.variance_known.tolist() == [True, False, False]
     assert stats.losses.tolist() == [2.0, 4.0, 0.0]
     assert stats.active.tolist() == [True, True, False]
     stats.update(*STEP2)
@@ -36,7 +37,7 @@ def test_ema_on_a_hand_computed_two_step_example():
     # cluster 0 seen twice: EMA; cluster 1 absent: keeps stats, count decays; cluster 2: first sight
     assert torch.allclose(stats.counts, torch.tensor([0.9 * 2 + 0.1 * 1, 0.9 * 1, 2.0]))
     assert torch.allclose(stats.means, torch.tensor([[0.9 * 2.0, 0.0], [0.0, 2.0], [3.0, 2.0]]))
-    assert torch.allclose(stats.variances, torch.tensor([0.9 * 1.0 + 0.1 * 0.0, 0.0, 1.0]))
+    assert torch.allclose(stats.variances, torch.tensor([2.0, 0.0, 2.0]))  # one sample: no update
     assert torch.allclose(stats.losses, torch.tensor([0.9 * 2.0 + 0.1 * 5.0, 4.0, 7.0]))
     assert stats.active.tolist() == [True, True, True]
 
@@ -73,7 +74,7 @@ def test_state_dict_round_trip_and_reset():
     assert b.beta == 0.9
     for s in (a, b):
         s.update(torch.tensor([[1.0, 1.0]]), torch.tensor([1]), torch.tensor([2.0]))
-    for name in ("counts", "means", "variances", "losses", "active", "batch_counts"):
+    for name in ("counts", "means", "variances", "losses", "active", "variance_known", "batch_counts"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     a.reset()
     assert not a.active.any() and a.counts.sum().item() == 0.0

@@ -386,7 +386,8 @@ class Objective(ABC):
         if self._w_prev is not None:
             self._w_prev.value = w_prev
         self._assign(stats)
-        self._problem.solve(solver=self.solver, warm_start=True, **self._solver_options)
+        # no warm start: a solve depends only on its inputs, so a resumed run repeats it exactly
+        self._problem.solve(solver=self.solver, warm_start=False, **self._solver_options)
         w = self._w.value
         if self._problem.status not in _OK_STATUSES or w is None or not np.all(np.isfinite(w)):
             raise SolverFailure(f"status {self._problem.status}")
