@@ -35,8 +35,9 @@ test-all: $(STAMP)  ## Run every test, slow and multi-process ones included
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
-bench: $(STAMP)  ## CPU throughput: the trainer (uniform) vs a plain PyTorch loop
+bench: $(STAMP)  ## Benchmarks: trainer vs plain loop; DoGraph step, projection, K-means and solve costs
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/step_time.py
 
 table8: $(STAMP)  ## Paper Table 8: model shapes and parameter counts from conf/model/*
 	$(PY) experiments/table8_shapes.py

@@ -33,8 +33,10 @@ def curves(run_dir: Path) -> tuple[list[float], float]:
     return train, [r for r in records if r["kind"] == "eval"][-1]["val/avg_loss"]
 
 
-def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path) -> None:
-    overrides = [*tiny_overrides, "trainer.max_steps=24", "trainer.batch_size=8", "trainer.lr=2e-3",
+@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "mixer.buffer_size=32", "m=3"]],
+                         ids=["uniform", "dograph"])
+def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
+    overrides = [*tiny_overrides, *mixer, "trainer.max_steps=24", "trainer.batch_size=8", "trainer.lr=2e-3",
                  "trainer.log_every=1"]
     launch(1, tmp_path / "single", overrides)
     launch(2, tmp_path / "ddp", overrides)
@@ -47,6 +49,8 @@ def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path) -
     assert abs(single_val - ddp_val) < 0.03 * single_val, (single_val, ddp_val)
     assert (tmp_path / "ddp" / "checkpoints" / "latest").exists()
     assert len([r for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train"]) == 24  # rank 0 only
+    if "mixer=dograph" in mixer:  # past the warm-up: weights were computed and logged
+        assert any(r.get("mixer/warmup") == 0.0 for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train")
 
 
 def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str) -> None:

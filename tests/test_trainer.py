@@ -18,7 +18,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_end_to_end_outputs(make_config, tmp_path: Path) -> None:
-    cfg = make_config("trainer.max_steps=6", "trainer.ckpt_every=3", "trainer.export_hf=true")
+    cfg = make_config("trainer.max_steps=6", "trainer.ckpt_every=3", "trainer.export_hf=true", "mixer=uniform")
     result = run_training(cfg, tmp_path)
     assert result.state.step == 6 and result.state.tokens_seen == 6 * 4 * 32
     records = read_metrics(tmp_path)
@@ -44,7 +44,7 @@ def test_loss_decreases(make_config, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra", [(), ("trainer.micro_batch_size=2",)], ids=["plain", "accumulation"])
 def test_resume_is_exact(make_config, tmp_path: Path, extra: tuple[str, ...]) -> None:
-    n = 4
+    n, extra = 4, ("mixer=uniform", *extra)
     straight = tmp_path / "straight"
     run_training(make_config(f"trainer.max_steps={2 * n}", *extra), straight)
     resumed = tmp_path / "resumed"
