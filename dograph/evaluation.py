@@ -9,6 +9,7 @@ does not move with the training mixture.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -21,11 +22,11 @@ from dograph.distributed import DistContext, all_reduce_sum
 
 @torch.no_grad()
 def _domain_loss_sum(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device,
-                     autocast: AbstractContextManager) -> tuple[float, int]:
+                     autocast: Callable[[], AbstractContextManager]) -> tuple[Tensor, int]:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size].to(device)
-        with autocast:
+        with autocast():
             logits = model(input_ids=chunk[:, :-1]).logits
         total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").double()
     return total, windows[:, 1:].numel()
@@ -33,7 +34,7 @@ def _domain_loss_sum(model: nn.Module, windows: Tensor, batch_size: int, device:
 
 def evaluate(model: nn.Module, validation: list[Tensor], domains: list[str], natural_mixture: list[float], *,
              batch_size: int, device: torch.device, dist: DistContext,
-             autocast: AbstractContextManager) -> dict[str, Any]:
+             autocast: Callable[[], AbstractContextManager]) -> dict[str, Any]:
     """``val/<domain>/loss``, ``val/<domain>/ppl``, ``val/avg_loss`` (natural mixture), ``val/worst_loss``.
 
     Each rank scores a slice of the windows; sums are all-reduced, so every rank returns the

@@ -32,6 +32,9 @@ class ProjectedStep(StepRunner):
         projector = ctx.mixer.projector
         if projector is None:
             raise ConfigError(f"{type(ctx.mixer).__name__} requires projected gradients but has no projector")
+        if getattr(ctx.model, "_compiled_call_impl", None) is not None:
+            raise ConfigError("trainer.compile=true is not supported with a mixer that reads projected per-sample "
+                              "gradients (its hooks run eagerly): set trainer.compile=false")
         self.two_pass = two_pass
         self.capture = GradientCapture(ctx.model, projector.bind(ctx.model), keep_for_update=not two_pass)
 

@@ -135,7 +135,7 @@ class Trainer:
     def run_eval(self) -> dict[str, Any]:
         results = evaluate(self.model, self.data.validation, self.data.corpus.domains,
                            self.data.corpus.natural_mixture, batch_size=self.cfg.eval_batch_size,
-                           device=self.dist.device, dist=self.dist, autocast=self.autocast())
+                           device=self.dist.device, dist=self.dist, autocast=self.autocast)
         self.writer.write("eval", self.state.step, {**results, "tokens_seen": self.state.tokens_seen})
         return results
 
