@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeMixer
 
 from dograph.app import run_training
 from dograph.errors import ConfigError
@@ -75,3 +76,43 @@ def test_checkpoint_resume_with_other_world_size_is_refused(make_config, tmp_pat
     torch.save(state, path)
     with pytest.raises(ConfigError, match="same number"):
         run_training(make_config("trainer.max_steps=3", "resume=true"), tmp_path)
+
+
+class ShiftingMixer(FakeMixer):
+    """Reweights by domain and, after each step, samples only domain 0 (exercises both contract calls)."""
+
+    def sampling_mixture(self) -> torch.Tensor:
+        return torch.tensor([1.0, 0.0, 0.0])
+
+
+def test_reweighting_step_equals_autograd_of_the_weighted_loss() -> None:
+    from dograph.config import ModelConfig
+    from dograph.data.sampler import Batch
+    from dograph.distributed import DistContext
+    from dograph.models import build_model, per_sample_loss
+    from dograph.signals import ReweightStep, StepContext, build_step_runner
+
+    tokens = torch.randint(0, 100, (6, 9), generator=torch.Generator().manual_seed(0))
+    domains = torch.tensor([0, 1, 2, 0, 1, 2])
+    batches = [Batch(tokens[:3, :-1], tokens[:3, 1:], domains[:3]), Batch(tokens[3:, :-1], tokens[3:, 1:], domains[3:])]
+    shape = ModelConfig(n_layer=1, n_head=2, d_model=32, d_ff=64, max_position_embeddings=16)
+    model = build_model(shape, 100, seed=0)
+    mixer = FakeMixer([1.0, 2.0, 5.0])
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    runner = build_step_runner(StepContext(model, mixer, DistContext(), 6, no_autocast))
+    assert isinstance(runner, ReweightStep)
+    runner.run(0, batches)
+    reference = build_model(shape, 100, seed=0)
+    v = torch.tensor([1.0, 2.0, 5.0])[domains]
+    (per_sample_loss(reference, tokens[:, :-1], tokens[:, 1:]) * v / v.sum()).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-7), name
+
+
+def test_trainer_applies_the_mixers_sampling_mixture(make_config, tmp_path: Path, monkeypatch) -> None:
+    import dograph.app
+
+    monkeypatch.setattr(dograph.app, "build_mixer", lambda cfg, data, dist: ShiftingMixer([1.0, 1.0, 1.0]))
+    run_training(make_config("trainer.max_steps=3"), tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert torch.equal(state["ranks"][0]["data"]["mixture"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dograph.config import DataConfig
-from dograph.data.sources import NO_NETWORK_HINT, Corpus, HFDomainSource, _digest, _mixture_from, get_field
+from dograph.data.sources import NO_NETWORK_HINT, Corpus, HFDomainSource, get_field, mixture_from, text_digest
 from dograph.errors import ConfigError, DataError
 
 MEASURE_DOCS = 20_000  # documents read to measure domain shares when none are configured (our choice)
@@ -81,7 +81,7 @@ def hf_corpus(cfg: DataConfig) -> Corpus:
     domains = list(cfg.domains) if cfg.domains is not None else sorted(sizes or {})
     if not domains:
         raise DataError(f"dataset {cfg.path!r}: no record has the domain field {cfg.domain_field!r}")
-    mixture = _mixture_from(cfg, domains, lambda: [float((sizes or {}).get(d, 0.0)) for d in domains])
+    mixture = mixture_from(cfg, domains, lambda: [float((sizes or {}).get(d, 0.0)) for d in domains])
 
     def sources(split: str) -> list[HFDomainSource]:
         return [HFDomainSource(d, lambda s=split: open_split(cfg, s), cfg.text_field, str(cfg.domain_field))
@@ -92,4 +92,4 @@ def hf_corpus(cfg: DataConfig) -> Corpus:
         open_split(cfg, cfg.val_split)
     return Corpus(domains, sources(cfg.split), mixture, validation=validation,
                   description=f"HF dataset {cfg.path} ({cfg.split})",
-                  fingerprint=_digest(f"{cfg.path}:{cfg.hf_config}:{cfg.split}:{domains}"))
+                  fingerprint=text_digest(f"{cfg.path}:{cfg.hf_config}:{cfg.split}:{domains}"))

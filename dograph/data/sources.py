@@ -8,6 +8,7 @@ documents are held out for validation is decided downstream (``dograph.data.pack
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -141,7 +142,7 @@ def _normalise(weights: list[float], domains: list[str], key: str) -> list[float
     return [w / total for w in weights]
 
 
-def _mixture_from(cfg: DataConfig, domains: list[str], measured: Callable[[], list[float]]) -> list[float]:
+def mixture_from(cfg: DataConfig, domains: list[str], measured: Callable[[], list[float]]) -> list[float]:
     if cfg.natural_mixture is None:
         return _normalise(measured(), domains, "the measured domain sizes")
     missing = [d for d in domains if d not in cfg.natural_mixture]
@@ -186,9 +187,9 @@ def jsonl_directory_corpus(cfg: DataConfig, directory: Path, description: str) -
     domains = _select_domains(list(files), cfg.domains, str(directory))
     bad = BadLineCounter(skip=cfg.skip_bad_lines)
     train = [JsonlDomainSource(d, [files[d]], cfg.text_field, bad=bad) for d in domains]
-    mixture = _mixture_from(cfg, domains, lambda: [float(_file_text_bytes(files[d])) for d in domains])
+    mixture = mixture_from(cfg, domains, lambda: [float(_file_text_bytes(files[d])) for d in domains])
     fingerprint = json.dumps([[d, files[d].stat().st_size, files[d].stat().st_mtime_ns] for d in domains])
-    return Corpus(domains, train, mixture, description=description, fingerprint=_digest(fingerprint),
+    return Corpus(domains, train, mixture, description=description, fingerprint=text_digest(fingerprint),
                   bad_lines=bad)
 
 
@@ -206,15 +207,14 @@ def jsonl_file_corpus(cfg: DataConfig, path: Path) -> Corpus:
             sizes[str(domain)] = sizes.get(str(domain), 0.0) + len(text.encode("utf-8"))
     domains = _select_domains(list(sizes), cfg.domains, str(path))
     train = [JsonlDomainSource(d, [path], cfg.text_field, cfg.domain_field, bad=bad) for d in domains]
-    mixture = _mixture_from(cfg, domains, lambda: [sizes[d] for d in domains])
-    fingerprint = _digest(json.dumps([str(path), path.stat().st_size, path.stat().st_mtime_ns, domains]))
+    mixture = mixture_from(cfg, domains, lambda: [sizes[d] for d in domains])
+    fingerprint = text_digest(json.dumps([str(path), path.stat().st_size, path.stat().st_mtime_ns, domains]))
     return Corpus(domains, train, mixture, description=f"jsonl file {path}", fingerprint=fingerprint,
                   bad_lines=bad)
 
 
-def _digest(text: str) -> str:
-    import hashlib
-
+def text_digest(text: str) -> str:
+    """sha256 hex digest of a description (cache keys)."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 
