@@ -12,6 +12,8 @@ import pytest
 
 from dograph.data import embedded
 from dograph.data.embedded import MAX_DOC_CHARS, ensure_embedded_corpus
+from dograph.data.embedded import build as embedded_build
+from dograph.data.embedded import fetch as embedded_fetch
 from dograph.errors import ConfigError, DataError
 
 CAP = 200_000
@@ -73,7 +75,7 @@ def test_second_call_reuses_cache(tmp_path: Path, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("the cached corpus should have been reused")
 
-    monkeypatch.setattr(embedded, "_build_corpus", no_build)
+    monkeypatch.setattr(embedded_build, "_build_corpus", no_build)
     logs: list[str] = []
     assert _build(tmp_path, logs) == first
     assert any("reusing" in line for line in logs)
@@ -108,7 +110,7 @@ def test_failed_sources_below_min_domains_raise(tmp_path: Path, monkeypatch):
     def offline(keys, dl_dir):
         raise DataError("no network")
 
-    monkeypatch.setattr(embedded, "_fetch_remote", offline)
+    monkeypatch.setattr(embedded_fetch, "_fetch_remote", offline)
     logs: list[str] = []
     with pytest.raises(DataError, match=r"qa: .*no network"):
         _build(tmp_path, logs, domains=["code", "qa"], min_domains=2)
@@ -120,7 +122,7 @@ def test_failed_sources_are_skipped_when_enough_domains_remain(tmp_path: Path, m
     def offline(keys, dl_dir):
         raise DataError("no network")
 
-    monkeypatch.setattr(embedded, "_fetch_remote", offline)
+    monkeypatch.setattr(embedded_fetch, "_fetch_remote", offline)
     corpus = _build(tmp_path, domains=["code", "qa"], min_domains=1)
     manifest = json.loads((corpus / "manifest.json").read_text())
     assert list(manifest["domains"]) == ["code"]
@@ -217,8 +219,8 @@ def test_apt_update_once_then_per_package_fallback(tmp_path: Path, monkeypatch):
             (Path(cwd) / f"{name}_1.0_all.deb").write_bytes(b"deb")
         return b""
 
-    monkeypatch.setattr(embedded, "_run", fake_run)
-    monkeypatch.setattr(embedded.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(embedded_fetch, "_run", fake_run)
+    monkeypatch.setattr(embedded_fetch.os, "geteuid", lambda: 0)
     debs = embedded._download_debs(["good-pkg", "missing-pkg"], tmp_path)
     assert [c[:2] for c in calls].count(["apt-get", "update"]) == 1
     assert debs["good-pkg"] == tmp_path / "good-pkg_1.0_all.deb"
