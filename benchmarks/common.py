@@ -367,6 +367,18 @@ def print_load_at_end() -> None:
     print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
+def make_parser(doc: str, data_help: str) -> Any:
+    """The argument parser every benchmark starts from: device, shape, precision, data source, cache."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_shared_arguments(parser)
+    parser.add_argument("--data", choices=["local", "embedded", "random"], default="local", help=data_help)
+    parser.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache (default: a temporary dir)")
+    return parser
+
+
 def add_shared_arguments(parser: Any) -> None:
     """Device, model shape, batch and precision options every benchmark takes."""
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -39,7 +39,6 @@ from common import (
     BenchData,
     FixedSampler,
     Timing,
-    add_shared_arguments,
     autocast_factory,
     describe_model,
     fill_shape_defaults,
@@ -48,6 +47,7 @@ from common import (
     load_model_config,
     load_yaml,
     make_model,
+    make_parser,
     make_trainer,
     markdown_table,
     paired_ratio,
@@ -90,12 +90,7 @@ STEP_LABELS = {"uniform": "uniform (PlainStep)", "dograph": "DoGraph fast path (
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_arguments(parser)
-    parser.add_argument("--data", choices=["local", "embedded", "random"], default="local",
-                        help="where the precomputed batches come from (the pipeline is never timed)")
-    parser.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache (default: a temporary dir)")
+    parser = make_parser(__doc__, "where the precomputed batches come from (the pipeline is never timed)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="uncertainty", help="the mixer's objective")
     parser.add_argument("--m", type=int, default=11, help="number of clusters")
     parser.add_argument("--buffer-size", type=int, default=None,

@@ -32,12 +32,12 @@ from common import (
     BenchData,
     FixedSampler,
     Timing,
-    add_shared_arguments,
     autocast_factory,
     describe_model,
     fill_shape_defaults,
     load_model_config,
     make_model,
+    make_parser,
     make_trainer,
     markdown_table,
     paired_ratio,
@@ -61,13 +61,8 @@ LABELS = {"plain": "plain PyTorch loop (precomputed batches)",
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_arguments(parser)
-    parser.add_argument("--data", choices=["local", "embedded", "random"], default="local",
-                        help="local: tests/helpers.build_local_corpus; embedded: the offline corpus (cached); "
-                             "random: random ids (no data-pipeline row)")
-    parser.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache (default: a temporary dir)")
+    parser = make_parser(__doc__, "local: tests/helpers.build_local_corpus; embedded: the offline corpus (cached); "
+                                  "random: random ids (no data-pipeline row)")
     parser.add_argument("--repeats", type=int, default=9, help="timed blocks per loop (median reported)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed block")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop before timing")

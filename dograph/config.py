@@ -11,7 +11,7 @@ them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -190,11 +190,6 @@ class RunConfig:
 def register_configs() -> None:
     """Make the schema available to ``conf/config.yaml`` as the defaults entry ``schema``."""
     ConfigStore.instance().store(name="schema", node=RunConfig)
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass config as a plain dict (for logging)."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 def to_run_config(cfg: Any) -> RunConfig:

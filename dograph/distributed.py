@@ -89,13 +89,6 @@ def all_gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
 
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
