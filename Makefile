@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_FLAGS ?=
 
-.PHONY: help install demo test test-all lint clean distclean bench table8
+.PHONY: help install demo test test-all lint clean distclean bench table8 gpu-wheels bench-gpu
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ lint: $(STAMP)  ## ruff
 bench: $(STAMP)  ## Benchmarks: trainer vs plain loop; DoGraph step, projection, K-means and solve costs
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/step_time.py
+
+gpu-wheels:  ## Download the wheels an offline CUDA machine lacks into .gpu_wheels (cp312, about 26 MiB)
+	bash benchmarks/gpu.sh fetch
+
+bench-gpu:  ## Every GPU measurement in one JSON + Markdown report, under 8 minutes (CPU shapes without CUDA)
+	bash benchmarks/gpu.sh run
 
 table8: $(STAMP)  ## Paper Table 8: model shapes and parameter counts from conf/model/*
 	$(PY) experiments/table8_shapes.py

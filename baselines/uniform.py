@@ -1,4 +1,4 @@
-"""Uniform: the corpus's natural mixture, every sample weighs 1/B (DESIGN section 3)."""
+"""Uniform: the corpus's natural mixture, every sample weighs 1/B (docs/design.md section 3)."""
 
 from __future__ import annotations
 

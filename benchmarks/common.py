@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -316,11 +317,21 @@ def trainer_config(args: Any, device: torch.device, weighted_update: str = "fast
                          weighted_update=weighted_update, export_hf=False, progress=False)
 
 
+RANDOM_DOMAINS = ("d0", "d1", "d2")  # the domain labels precompute_batches gives random batches
+RANDOM_MIXTURE = (1 / 3, 1 / 3, 1 / 3)
+
+
+def random_corpus() -> Any:
+    """What a Trainer reads of a corpus (domain names, natural mixture) when the batches are random ids."""
+    return SimpleNamespace(domains=list(RANDOM_DOMAINS), natural_mixture=list(RANDOM_MIXTURE),
+                           description="random token ids")
+
+
 def make_trainer(args: Any, device: torch.device, model: torch.nn.Module, mixer: Mixer, sampler: Any,
                  workdir: Path, *, weighted_update: str = "fast", run_data: RunData | None = None) -> Trainer:
     """A real dograph Trainer around ``model`` and ``mixer``; ``sampler`` replaces the data sampler."""
-    data = RunData(corpus=run_data.corpus if run_data else None, tokenizer=run_data.tokenizer if run_data else None,
-                   sampler=sampler, validation=[])
+    data = RunData(corpus=run_data.corpus if run_data else random_corpus(),
+                   tokenizer=run_data.tokenizer if run_data else None, sampler=sampler, validation=[])
     run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="run-"))
     writer = MetricsWriter(run_dir, LoggerConfig(mode="disabled"), enabled=False, config={}, run_name="bench")
     return Trainer(trainer_config(args, device, weighted_update), model, data, mixer,

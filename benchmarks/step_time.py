@@ -1,4 +1,4 @@
-"""DoGraph's overheads, measured side by side in one run (DESIGN section 5).
+"""DoGraph's overheads, measured side by side in one run (docs/design.md section 5).
 
 1. Step time of ``Trainer.train_step`` with mixer=uniform (``PlainStep``) vs DoGraph (the one-backward
    fast path, ``ProjectedStep``) vs DoGraph two-pass, each on its own copy of the model, fed the same
@@ -16,6 +16,12 @@
     python benchmarks/step_time.py                 # CPU: gpt2_tiny, batch 16 x 128 (about 2-3 minutes)
     python benchmarks/step_time.py --quick         # about 30-40 s
     python benchmarks/step_time.py --device cuda   # GPU: gpt2_small, batch 48 x 512, bf16 autocast
+    python benchmarks/step_time.py --parts kmeans,solves --out k.json   # some sections only
+
+``--parts`` picks sections (steps, projection, kmeans, solves; all by default). ``projection``
+without ``steps`` measures a freshly initialised model and the projector of a fresh mixer (with
+``steps`` it uses the trained, filled model as before). ``run(args, parts)`` returns the numbers
+``--out`` writes; ``benchmarks/gpu_report.py`` calls it section by section.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import numpy as np
 import torch
 from common import (
     CONF,
+    RANDOM_DOMAINS,
+    RANDOM_MIXTURE,
     BenchData,
     FixedSampler,
     Timing,
@@ -85,11 +93,12 @@ from dograph.projection import (
 from dograph.trainer import Trainer
 
 OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
+PARTS = ("steps", "projection", "kmeans", "solves")
 STEP_LABELS = {"uniform": "uniform (PlainStep)", "dograph": "DoGraph fast path (one backward)",
                "two_pass": "DoGraph two-pass"}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(__doc__, "where the precomputed batches come from (the pipeline is never timed)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="uncertainty", help="the mixer's objective")
     parser.add_argument("--m", type=int, default=11, help="number of clusters")
@@ -118,12 +127,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats, a buffer of 4 batches (unless --buffer-size), no dense reference run")
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--parts", type=parse_parts, default=PARTS,
+                        help=f"comma-separated sections to run, of {','.join(PARTS)}")
+    args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.warmup, args.proj_repeats, args.ref_repeats = 3, 1, 1, 3, 1
         args.kmeans_repeats, args.solves = 3, 50
         args.reference = "grads" if args.reference == "auto" else args.reference
     return args
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown} (choose from {','.join(PARTS)})")
+    return parts
 
 
 # ---- 1. step time --------------------------------------------------------------------------------
@@ -142,8 +161,8 @@ def mixer_node(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_mixer(args: argparse.Namespace, device: torch.device, data: BenchData) -> DoGraphMixer:
     """A DoGraphMixer exactly as dograph.app.build_mixer makes it from the config node."""
-    domains = list(data.run_data.corpus.domains) if data.run_data else ["d0", "d1", "d2"]
-    mixture = list(data.run_data.corpus.natural_mixture) if data.run_data else [1 / 3] * 3
+    domains = list(data.run_data.corpus.domains) if data.run_data else list(RANDOM_DOMAINS)
+    mixture = list(data.run_data.corpus.natural_mixture) if data.run_data else list(RANDOM_MIXTURE)
     make = instantiate(mixer_node(args), _partial_=True)
     return make(domains=domains, natural_mixture=mixture, dist=DistContext(device=device), seed=args.seed)
 
@@ -610,7 +629,7 @@ def summary_rows(args: argparse.Namespace, steps: dict[str, Any], proj: dict[str
               "<= 50 ms (CPU)"],
              ["K-means warm refresh", fmt_ms(km["warm_s"]), "<= 10 ms (CPU)"],
              [f"K-means assign ({args.batch} points)", fmt_ms(km["assign_s"]), "< 0.5 ms"]]
-    rows += [[f"solve, {name} (median)", fmt_ms(r["median_s"]), "< 2 ms (DESIGN), < 5 ms"]
+    rows += [[f"solve, {name} (median)", fmt_ms(r["median_s"]), "< 2 ms (docs/design.md section 5), < 5 ms"]
              for name, r in solves.items()]
     return rows
 
@@ -621,8 +640,8 @@ def should_profile(args: argparse.Namespace, steps: dict[str, Any]) -> bool:
     return steps["ratio_dograph_uniform"] > 1.3 or steps["ratio_dograph_two_pass"] >= 1.0
 
 
-def main() -> None:
-    args = parse_args()
+def setup(args: argparse.Namespace) -> torch.device:
+    """Threads, device, the device's default shape and the tokenizer; returns the device."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -631,32 +650,65 @@ def main() -> None:
         args.buffer_size = 4 * args.batch  # a few fill steps instead of N / B
     args.device_used = str(device)
     args.tokenizer = args.tokenizer or load_model_config(args.model).tokenizer
+    return device
+
+
+def fresh_projection_inputs(args: argparse.Namespace, device: torch.device,
+                            data: BenchData) -> tuple[torch.nn.Module, KroneckerProjector]:
+    """A freshly initialised model and a fresh mixer's projector (``projection`` without ``steps``)."""
+    cfg = load_model_config(args.model)
+    model = make_model(cfg, data.vocab, device, eos_id=data.eos_id, seed=args.seed)
+    print(describe_model(args.model, cfg, data.vocab, count_parameters(model)))
+    return model, build_mixer(args, device, data).projector
+
+
+def run(args: argparse.Namespace, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the sections ``parts`` (default ``args.parts``) and return the numbers ``--out`` writes."""
+    parts = tuple(parts if parts is not None else args.parts)
+    device = setup(args)
     print_header("DoGraph step time, projection, K-means and solve overheads", device, args)
-    with tempfile.TemporaryDirectory(prefix="dograph-bench-") as tmp:
-        data = prepare_data(args.data, args.tokenizer, args.seq, args.seed, Path(tmp), args.cache_dir)
-        print(f"data: {data.description}; precision {precision_name(device, args.precision)}")
-        batches = precompute_batches(data, 8, args.batch, args.seq, device, seed=args.seed)
-        print(f"\n## Step time ({args.model}, batch {args.batch} x {args.seq}; {args.warmup} warm-up steps, then "
-              f"{args.repeats} interleaved rounds of {args.steps} steps per variant)", flush=True)
-        steps, trainers = bench_steps(args, device, data, batches, Path(tmp))
-        if should_profile(args, steps):
-            profile_steps(trainers, device)
-        projector = trainers["dograph"].mixer.projector
-        model = trainers["uniform"].model
-        for name in ("dograph", "two_pass"):  # free their models and optimizer states
-            trainers.pop(name)
-        gc.collect()  # trainers and hooked models hold reference cycles
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        proj = bench_projection(args, device, model, projector, batches[0])
-    km = bench_kmeans(args, device)
-    solves = bench_solves(args)
-    print(f"\n### DoGraph overheads: {args.model}, batch {args.batch} x {args.seq}, device {device}, "
-          f"{precision_name(device, args.precision)}\n")
-    print(markdown_table(["quantity", "measured", "target"], summary_rows(args, steps, proj, km, solves)))
+    out: dict[str, Any] = {"benchmark": "step_time", "args": vars(args), "parts": list(parts)}
+    if "steps" in parts or "projection" in parts:
+        with tempfile.TemporaryDirectory(prefix="dograph-bench-") as tmp:
+            data = prepare_data(args.data, args.tokenizer, args.seq, args.seed, Path(tmp), args.cache_dir)
+            print(f"data: {data.description}; precision {precision_name(device, args.precision)}")
+            batches = precompute_batches(data, 8, args.batch, args.seq, device, seed=args.seed)
+            if "steps" in parts:
+                print(f"\n## Step time ({args.model}, batch {args.batch} x {args.seq}; {args.warmup} warm-up steps, "
+                      f"then {args.repeats} interleaved rounds of {args.steps} steps per variant)", flush=True)
+                out["steps"], trainers = bench_steps(args, device, data, batches, Path(tmp))
+                if should_profile(args, out["steps"]):
+                    profile_steps(trainers, device)
+                projector = trainers["dograph"].mixer.projector
+                model = trainers["uniform"].model
+                trainers.clear()  # free the models and optimizer states (the projector and one model stay)
+            else:
+                model, projector = fresh_projection_inputs(args, device, data)
+            gc.collect()  # trainers and hooked models hold reference cycles
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if "projection" in parts:
+                out["projection"] = bench_projection(args, device, model, projector, batches[0])
+            del model, projector, batches
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "kmeans" in parts:
+        out["kmeans"] = bench_kmeans(args, device)
+    if "solves" in parts:
+        out["solves"] = bench_solves(args)
+    if all(name in parts for name in PARTS):
+        print(f"\n### DoGraph overheads: {args.model}, batch {args.batch} x {args.seq}, device {device}, "
+              f"{precision_name(device, args.precision)}\n")
+        print(markdown_table(["quantity", "measured", "target"],
+                             summary_rows(args, out["steps"], out["projection"], out["kmeans"], out["solves"])))
     print_load_at_end()
-    write_json(args.out, {"benchmark": "step_time", "args": vars(args), "steps": steps, "projection": proj,
-                          "kmeans": km, "solves": solves})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    write_json(args.out, run(args))
 
 
 if __name__ == "__main__":

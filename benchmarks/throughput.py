@@ -1,4 +1,4 @@
-"""Training throughput: the project's step with mixer=uniform vs a plain PyTorch loop (DESIGN section 5).
+"""Training throughput: the project's step with mixer=uniform vs a plain PyTorch loop (docs/design.md section 5).
 
 Three loops over the same model shape (same initial weights, one copy each), measured side by side
 in one run, interleaved block by block:
@@ -60,7 +60,7 @@ LABELS = {"plain": "plain PyTorch loop (precomputed batches)",
           "trainer+data": "Trainer.train_step, mixer=uniform, real sampler (data pipeline included)"}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(__doc__, "local: tests/helpers.build_local_corpus; embedded: the offline corpus (cached); "
                                   "random: random ids (no data-pipeline row)")
     parser.add_argument("--repeats", type=int, default=9, help="timed blocks per loop (median reported)")
@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 repeats of 2 steps, 1 warm-up step (~30 s on CPU)")
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.warmup = 3, 2, 1
     return args
@@ -145,8 +145,8 @@ def report(args: argparse.Namespace, timings: dict[str, Timing]) -> dict[str, An
     return numbers
 
 
-def main() -> None:
-    args = parse_args()
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure and print; return the numbers ``--out`` writes (``benchmarks/gpu_report.py`` calls this)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -166,7 +166,12 @@ def main() -> None:
                                    after_block=lambda name: trainers[name].accumulator.flush() if name in trainers
                                    else None)
         numbers = report(args, timings)
-    write_json(args.out, {"benchmark": "throughput", "args": vars(args), "results": numbers})
+    return {"benchmark": "throughput", "args": vars(args), "results": numbers}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    write_json(args.out, run(args))
 
 
 if __name__ == "__main__":

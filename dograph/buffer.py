@@ -1,8 +1,8 @@
-"""FIFO buffer of projected per-sample gradients (DESIGN 2.2).
+"""FIFO buffer of projected per-sample gradients (docs/design.md section 2.2).
 
 The buffer holds the last ``capacity`` projected gradients (default N = 4096) that the
 K-means refresh clusters into model-centric domains, each with the human domain id of
-its sequence (-1 when unknown) for the per-refresh agreement log (DESIGN 2.6).
+its sequence (-1 when unknown) for the per-refresh agreement log (docs/design.md section 2.6).
 
 It is a ring buffer: ``push`` copies a batch into preallocated storage on the buffer's
 device with slice copies only, so it never synchronises with the host. The write

@@ -1,6 +1,6 @@
 """Hooks that project per-sample gradients in the ordinary backward and defer the weight gradients.
 
-During a capturing forward/backward (DESIGN 2.1, 2.5, section 6):
+During a capturing forward/backward (docs/design.md sections 2.1, 2.5, 6):
 
 * every parameter has ``requires_grad=False``, so autograd computes no weight gradient at
   all (only activation gradients); hooked module outputs are made to require grad so the
@@ -21,7 +21,6 @@ again instead.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from dograph.errors import ConfigError
 from dograph.projection import BoundProjection, LayerProjection, is_linear
+from dograph.timing import StepTimer
 
 
 @dataclass
@@ -53,32 +53,6 @@ class _Hooked:
     calls: list[_Call] = field(default_factory=list)
 
 
-class StepTimer:
-    """Accumulates seconds of device work without synchronising (CUDA events, read lazily)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.events: list[tuple[Any, Any]] = []
-        self.seconds = 0.0
-
-    @contextmanager
-    def measure(self) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            began = time.perf_counter()
-            yield
-            self.seconds += time.perf_counter() - began
-
-    def __float__(self) -> float:
-        """Total seconds; on CUDA this waits for the recorded events (call it at log time)."""
-        return self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000.0
-
-
 class GradientCapture:
     """Owns the hooks of one model; inactive (a cheap flag check) outside :meth:`capturing`."""
 
@@ -90,6 +64,7 @@ class GradientCapture:
                        for name, module in model.named_modules() if any(True for _ in module.parameters(False))]
         self._check_supported()
         self.active, self.batch_size = False, 0
+        self.non_tensor_outputs: set[str] = set()  # hooked modules whose output the hooks cannot follow
         self.micro: list[list[list[_Call]]] = []  # per micro-batch, per hooked module: its calls
         self.blocks: Tensor | None = None
         self.timer = StepTimer(self.device)
@@ -146,7 +121,10 @@ class GradientCapture:
 
     def _forward_hook(self, hooked: _Hooked):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if not self.active or not isinstance(output, Tensor):
+            if not self.active:
+                return None
+            if not isinstance(output, Tensor):
+                self.non_tensor_outputs.add(hooked.name)
                 return None
             call = _Call(tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
             hooked.calls.append(call)
@@ -191,6 +169,18 @@ class GradientCapture:
                         scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
                         _module_grads(hooked.module, call, call.output_grad * scale)
         self.micro = []
+        self._check_every_gradient()
+
+    def _check_every_gradient(self) -> None:
+        """Stop, naming them, if trainable parameters got no gradient (never lose one silently)."""
+        missing = [name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if not missing:
+            return
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        cause = (f"; modules whose output is not a Tensor: {', '.join(sorted(self.non_tensor_outputs))}"
+                 if self.non_tensor_outputs else "")
+        raise ConfigError(f"the one-backward weighted update formed no gradient for {shown}{cause}: "
+                          "use trainer.weighted_update=two_pass, or freeze those parameters")
 
 
 def _accumulate(param: nn.Parameter, value: Tensor) -> None:
@@ -220,6 +210,7 @@ def _linear_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, v: Ten
 def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor) -> None:
     """Gradients of a small module's own parameters by a local re-forward and vjp."""
     params = list(module.parameters(False))
+    flags = [p.requires_grad for p in params]  # restored exactly afterwards (a frozen one stays frozen)
     with torch.enable_grad():
         for p in params:
             p.requires_grad_(True)
@@ -230,8 +221,9 @@ def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor) -> None:
             grads = torch.autograd.grad(output, params, grad_outputs=scaled_grad.to(output.dtype),
                                         allow_unused=True)
         finally:
-            for p in params:
-                p.requires_grad_(False)
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+    grads = [g if flag else None for g, flag in zip(grads, flags, strict=True)]
     for p, g in zip(params, grads, strict=True):
         if g is not None:
             _accumulate(p, g)

@@ -1,4 +1,4 @@
-"""K-means into model-centric domains (DESIGN 2.2), with FAISS.
+"""K-means into model-centric domains (docs/design.md section 2.2), with FAISS.
 
 ``KMeansClusterer.fit`` clusters the projected-gradient buffer every ``recluster_every``
 steps: several k-means++ restarts the first time, then warm starts from the previous
@@ -6,13 +6,13 @@ centroids. New centroids are matched to the old ones (Hungarian on squared centr
 distance) so a cluster keeps its id across refreshes. ``assign`` maps a batch to its
 nearest centroid with torch on the batch's device, without a host synchronisation.
 
-Traps handled (DESIGN 6): ``faiss.Kmeans`` subsamples to ``max_points_per_centroid``
+Traps handled (docs/design.md section 6): ``faiss.Kmeans`` subsamples to ``max_points_per_centroid``
 (256) points per cluster unless told otherwise, so it is set to the number of points;
 ``faiss.Kmeans(gpu=True)`` silently runs on the CPU without a GPU, so the path is
 decided here and recorded in ``ClusterRefresh.backend``.
 
 Defaults (our choice), tuned on the 2-core CPU for a 4096 x 1024 buffer and m = 11
-against DESIGN 5 (cold <= 50 ms, warm <= 10 ms); one Lloyd iteration there costs about
+against docs/design.md section 5 (cold <= 50 ms, warm <= 10 ms); one Lloyd iteration there costs about
 2.5-3.5 ms (memory-bound: each reads the 16 MiB buffer):
 
 * first fit: ``nredo_first = 3`` restarts from k-means++ seeding, ``niter = 3`` iterations
@@ -46,19 +46,20 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["ClusterRefresh", "KMeansClusterer", "match_centroids", "squared_distances"]
+__all__ = ["ClusterRefresh", "KMeansClusterer", "match_centroids", "matching_permutation", "squared_distances"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ClusterRefresh:
-    """What one K-means refresh did; logged per refresh (DESIGN 2.6).
+    """What one K-means refresh did; logged per refresh (docs/design.md section 2.6).
 
     ``drift``: mean Euclidean distance moved per centroid after id matching (0 on the
     first fit). ``objective``: mean squared distance of a point to its nearest centroid.
     ``empty_clusters``: clusters with no point after FAISS, re-seeded from the farthest
-    points. ``backend``: "faiss-gpu" or "faiss-cpu", the path that actually ran.
+    points; ``reseeded``: their ids after matching (their statistics must start afresh,
+    docs/design.md section 2.5). ``backend``: "faiss-gpu" or "faiss-cpu", the path that actually ran.
     """
 
     centroids: Tensor
@@ -69,6 +70,7 @@ class ClusterRefresh:
     empty_clusters: int
     objective: float
     warm_started: bool
+    reseeded: tuple[int, ...] = ()
 
 
 def squared_distances(x: Tensor, centroids: Tensor, x_sq: Tensor | None = None) -> Tensor:
@@ -79,38 +81,46 @@ def squared_distances(x: Tensor, centroids: Tensor, x_sq: Tensor | None = None) 
     return torch.addmm(x_sq[:, None] + c_sq, x, centroids.T, alpha=-2.0).clamp_min_(0.0)
 
 
-def match_centroids(old: Tensor, new: Tensor) -> tuple[Tensor, float]:
-    """Reorder ``new`` [m, dim] so row k is the centroid matched to ``old[k]``.
+def matching_permutation(old: Tensor, new: Tensor) -> Tensor:
+    """``perm`` [m] such that ``new[perm][k]`` is the centroid matched to ``old[k]``.
 
     Hungarian algorithm (scipy ``linear_sum_assignment``) on the squared-distance matrix
-    (DESIGN 2.2). Returns the reordered centroids and the mean distance moved per centroid.
+    (docs/design.md section 2.2).
     """
     cost = ((old.double()[:, None, :] - new.double()[None, :, :]) ** 2).sum(-1)
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    perm = torch.as_tensor(cols[np.argsort(rows)], device=new.device)
-    matched = new[perm]
+    return torch.as_tensor(cols[np.argsort(rows)], device=new.device)
+
+
+def match_centroids(old: Tensor, new: Tensor) -> tuple[Tensor, float]:
+    """Reorder ``new`` [m, dim] so row k is the centroid matched to ``old[k]``.
+
+    Returns the reordered centroids and the mean distance moved per centroid.
+    """
+    matched = new[matching_permutation(old, new)]
     drift = float((matched.double() - old.double()).norm(dim=1).mean())
     return matched, drift
 
 
-def _reseed_empty(x: Tensor, x_sq: Tensor, centroids: Tensor) -> tuple[Tensor, int, float]:
+def _reseed_empty(x: Tensor, x_sq: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor, float]:
     """Give each cluster with no point one of the farthest points (deterministic).
 
     Points are taken in decreasing distance to their nearest centroid, ties by index (our
     choice: a farthest point is the worst-served one, and the rule needs no RNG). ``x_sq``:
-    squared row norms of ``x``. Returns the centroids, the number re-seeded and the
-    objective (mean squared distance to the nearest centroid).
+    squared row norms of ``x``. Returns the centroids, the [m] bool mask of the re-seeded
+    ones and the objective (mean squared distance to the nearest centroid).
     """
     m = centroids.shape[0]
     d_min, nearest = squared_distances(x, centroids, x_sq).min(1)
-    empty = torch.nonzero(torch.bincount(nearest, minlength=m) == 0).flatten()
+    empty_mask = torch.bincount(nearest, minlength=m) == 0
+    empty = torch.nonzero(empty_mask).flatten()
     num_empty = int(empty.numel())
     if num_empty:
         far = torch.argsort(d_min, descending=True, stable=True)[:num_empty]
         centroids = centroids.clone()
         centroids[empty] = x[far]
         d_min = squared_distances(x, centroids, x_sq).min(1).values
-    return centroids, num_empty, float(d_min.mean())
+    return centroids, empty_mask, float(d_min.mean())
 
 
 def _faiss_gpu_available() -> bool:
@@ -118,7 +128,7 @@ def _faiss_gpu_available() -> bool:
 
 
 class KMeansClusterer:
-    """FAISS K-means with warm starts and stable cluster ids (DESIGN 2.2, 5, 6).
+    """FAISS K-means with warm starts and stable cluster ids (docs/design.md sections 2.2, 5, 6).
 
     ``use_gpu``: None picks the FAISS GPU path when torch sees CUDA and FAISS was built
     with GPU support; True without such a GPU logs a warning and runs on the CPU (our
@@ -187,10 +197,13 @@ class KMeansClusterer:
         km = self._faiss_kmeans(host.shape[0], host.shape[1], warm)
         self._train(km, host, prev.cpu().numpy() if warm else None)
         centroids = torch.from_numpy(km.centroids).to(xd.device)
-        centroids, empty, objective = _reseed_empty(xd, x_sq, centroids)
+        centroids, reseeded, objective = _reseed_empty(xd, x_sq, centroids)
+        empty = int(reseeded.sum())
         drift = 0.0
         if prev is not None:
-            centroids, drift = match_centroids(prev.to(xd.device), centroids)
+            perm = matching_permutation(prev.to(xd.device), centroids)
+            centroids, reseeded = centroids[perm], reseeded[perm]
+            drift = float((centroids.double() - prev.to(xd.device).double()).norm(dim=1).mean())
         self._set_centroids(centroids)
         self._device = centroids.device
         self.num_fits += 1
@@ -198,6 +211,7 @@ class KMeansClusterer:
             centroids=centroids.clone(), drift=drift, seconds=time.perf_counter() - start,
             backend=self.backend, num_points=host.shape[0], empty_clusters=empty,
             objective=objective, warm_started=warm,
+            reseeded=tuple(int(k) for k in torch.nonzero(reseeded).flatten().tolist()),
         )  # fmt: skip
         logger.debug(
             "k-means refresh %d (%s, warm=%s): %.1f ms, drift %.4g, objective %.4g, %d empty",
@@ -230,7 +244,7 @@ class KMeansClusterer:
             nredo=1 if warm else self.nredo_first,
             init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,  # our choice, see the module doc
             seed=self.seed + self.num_fits,
-            max_points_per_centroid=n,  # DESIGN 6: the default 256 would subsample the buffer
+            max_points_per_centroid=n,  # docs/design.md section 6: the default 256 would subsample the buffer
             min_points_per_centroid=1,  # our choice: silences faiss's "too few points" warning
             check_input_data_for_NaNs=False,  # checked in _check_input with a clear message
             verbose=False,

@@ -65,7 +65,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how validation is held out (DESIGN section 4)."""
+    """Where the text comes from and how validation is held out (docs/design.md section 4)."""
 
     source: str = "embedded"  # embedded | jsonl | hf
     path: str | None = None  # jsonl: a directory or file; hf: a hub id or a local directory
@@ -99,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """The optimisation loop (paper setting: DESIGN section 1, their Table 9)."""
+    """The optimisation loop (paper setting: docs/design.md section 1, their Table 9)."""
 
     max_steps: int = 200
     batch_size: int = 16  # global sequences per optimizer step (all ranks, all micro-batches)

@@ -100,7 +100,7 @@ def all_reduce_gradients(ctx: DistContext, params: list[torch.nn.Parameter],
     """Sum gradients over ranks in flat buckets.
 
     Used when gradients are formed outside autograd (DoGraph's one-backward update),
-    where DDP's reducer never sees them (DESIGN section 6); sample weights already sum
+    where DDP's reducer never sees them (docs/design.md section 6); sample weights already sum
     to 1 over the global batch, so the global gradient is the SUM over ranks.
     """
     if not ctx.enabled:

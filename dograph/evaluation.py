@@ -2,7 +2,7 @@
 
 Reported loss is the mean token cross-entropy in nats and perplexity is exp(loss); the
 paper's "PPL" values (3.09 to 4.51) look like mean token loss, so both are reported
-(DESIGN section 1). The average over domains is weighted by the natural mixture, so it
+(docs/design.md section 1). The average over domains is weighted by the natural mixture, so it
 does not move with the training mixture.
 """
 

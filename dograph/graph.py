@@ -1,4 +1,4 @@
-"""Per-cluster statistics, the domain graph and cluster/domain agreement (DESIGN 2.3, 2.6).
+"""Per-cluster statistics, the domain graph and cluster/domain agreement (docs/design.md sections 2.3, 2.6).
 
 ``ClusterStatistics`` keeps, per model-centric domain k, exponential moving averages over
 steps (beta = 0.9) of the count n_k, the projected mean gradient mu_k, the intra-cluster
@@ -7,7 +7,7 @@ statistics. ``update`` runs every step on the batch's device with ``index_add_``
 Python loop over samples or clusters, no host synchronisation.
 
 The graph has the clusters as nodes and edges A_kl = max(0, cos(mu_k, mu_l)); its
-Laplacian D - A gives the smoothness penalty w^T Lap w of the objectives (DESIGN 2.4).
+Laplacian D - A gives the smoothness penalty w^T Lap w of the objectives (docs/design.md section 2.4).
 ``cluster_domain_agreement`` compares clusters with human domain labels once per refresh.
 """
 
@@ -48,7 +48,7 @@ def _batch_statistics(proj: Tensor, assign: Tensor, loss: Tensor, m: int) -> tup
 
 
 class ClusterStatistics:
-    """EMA statistics per cluster (DESIGN 2.3); tensors follow the inputs' device (or ``to``).
+    """EMA statistics per cluster (docs/design.md section 2.3); tensors follow the inputs' device (or ``to``).
 
     For a cluster in the batch: stat <- beta * stat + (1 - beta) * batch_stat, except the
     first time it is seen, when stat <- batch_stat (our choice: decaying from zero would
@@ -79,6 +79,18 @@ class ClusterStatistics:
         self.active = torch.zeros(m, dtype=torch.bool, device=self._device)
         self.variance_known = torch.zeros(m, dtype=torch.bool, device=self._device)  # seen with n_k >= 2
         self.batch_counts = torch.zeros(m, dtype=torch.int64, device=self._device)
+        self.batch_means = torch.zeros(m, self.dim, **kw)  # the last batch's per-cluster means (not state)
+
+    def reset_clusters(self, clusters: list[int] | tuple[int, ...]) -> None:
+        """Forget the statistics of ``clusters`` (a re-seeded centroid is a new domain, docs/design.md section 2.5)."""
+        if not clusters:
+            return
+        idx = torch.as_tensor(list(clusters), dtype=torch.long, device=self._device)
+        for name in ("counts", "variances", "losses"):
+            getattr(self, name)[idx] = 0.0
+        self.means[idx] = 0.0
+        self.active[idx] = False
+        self.variance_known[idx] = False
 
     def update(self, proj: Tensor, assign: Tensor, loss: Tensor) -> None:
         """Fold one batch in: ``proj`` [b, dim], ``assign`` [b] int64 cluster ids, ``loss`` [b]."""
@@ -106,6 +118,7 @@ class ClusterStatistics:
         self.losses = _fold(self.losses, losses, first, seen, b)
         self.active = self.active | present
         self.batch_counts = counts.to(torch.int64)
+        self.batch_means = means
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name).clone() for name in _STATE_TENSORS}
@@ -125,7 +138,7 @@ class ClusterStatistics:
     def to(self, device: torch.device | str) -> ClusterStatistics:
         """Move every statistic to ``device`` (in place); returns self."""
         self._device = torch.device(device)
-        for name in _STATE_TENSORS:
+        for name in (*_STATE_TENSORS, "batch_means"):
             setattr(self, name, getattr(self, name).to(self._device))
         return self
 
@@ -138,7 +151,7 @@ def _fold(old: Tensor, new: Tensor, first: Tensor, seen: Tensor, beta: float) ->
 
 
 def cosine_adjacency(means: Tensor, active: Tensor, eps: float = 1e-12) -> Tensor:
-    """A [m, m] with A_kl = max(0, cos(mu_k, mu_l)) for k != l (DESIGN 2.3).
+    """A [m, m] with A_kl = max(0, cos(mu_k, mu_l)) for k != l (docs/design.md section 2.3).
 
     Zero on the diagonal and on the rows/columns of inactive clusters; a zero-norm mean
     has no edges (its direction is undefined), without NaN. Symmetric by construction.
@@ -158,7 +171,7 @@ def laplacian(adjacency: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Agreement:
-    """Clusters vs human domains over the labelled rows (DESIGN 2.6).
+    """Clusters vs human domains over the labelled rows (docs/design.md section 2.6).
 
     ``table``: [m, D] contingency counts (rows: clusters, columns: domains). ``ari``/``nmi``:
     adjusted Rand index and normalised mutual information (scikit-learn, arithmetic mean);

@@ -34,7 +34,11 @@ def to_python(value: Any) -> Any:
 
 
 class MetricAccumulator:
-    """Collects per-step metrics; ``flush`` averages scalars and keeps the last of vectors."""
+    """Collects per-step metrics; ``flush`` averages scalars and keeps the last of vectors.
+
+    The pending window is part of a checkpoint (``state_dict``), so the first record after
+    a resume averages the same steps as an uninterrupted run's.
+    """
 
     def __init__(self) -> None:
         self._values: dict[str, list[Any]] = {}
@@ -42,6 +46,18 @@ class MetricAccumulator:
     def add(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():
             self._values.setdefault(key, []).append(value.detach() if isinstance(value, Tensor) else value)
+
+    def pop(self, key: str) -> list[Any]:
+        """Remove and return the window's values of ``key`` (for metrics reduced elsewhere)."""
+        return self._values.pop(key, [])
+
+    def state_dict(self) -> dict[str, list[Any]]:
+        """The pending window on the host; lazy timers are read (a CUDA timer waits for its events)."""
+        return {key: [_portable(v) for v in values] for key, values in self._values.items()}
+
+    def load_state_dict(self, state: dict[str, list[Any]], device: torch.device | None = None) -> None:
+        self._values = {key: [v.to(device) if isinstance(v, Tensor) and device is not None else v for v in values]
+                        for key, values in state.items()}
 
     def flush(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -54,6 +70,14 @@ class MetricAccumulator:
                 out[key] = sum(float(v) for v in values) / len(values)
         self._values.clear()
         return {k: to_python(v) for k, v in out.items()}
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, int | float | str | list | tuple | dict) or not hasattr(value, "__float__"):
+        return value
+    return float(value)
 
 
 def _is_scalar(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Per-step and per-refresh records of the DoGraph mixer, saved as files for plots (DESIGN 2.6).
+"""Per-step and per-refresh records of the DoGraph mixer, saved as files for plots (docs/design.md section 2.6).
 
 ``weights.csv``: one row per weighted step (cluster weights, batch cluster sizes, objective
 value, fallback flag); ``assignments.npz``: per step the cluster of every sample of the

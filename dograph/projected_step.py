@@ -1,4 +1,4 @@
-"""The step runner for mixers that read projected per-sample gradients (DESIGN 2.1, 2.5).
+"""The step runner for mixers that read projected per-sample gradients (docs/design.md sections 2.1, 2.5).
 
 Fast path (default): each micro-batch is forwarded and backpropagated once with the
 capture hooks on (no weight gradients computed by autograd); the mixer weighs the whole
@@ -12,7 +12,7 @@ nothing; after weighing, each micro-batch is forwarded again and ``sum_i v_i l_i
 backpropagated by autograd. Both paths give the same gradients (tested).
 
 Gradients are summed over ranks explicitly: the capture bypasses autograd's weight
-gradients, so DDP's reducer would never see them (DESIGN section 6).
+gradients, so DDP's reducer would never see them (docs/design.md section 6).
 """
 
 from __future__ import annotations
@@ -63,4 +63,4 @@ class ProjectedStep(StepRunner):
         else:
             self.capture.apply_weights(list(weights))
         all_reduce_gradients(self.ctx.dist, list(self.ctx.model.parameters()))
-        return StepResult(loss, metrics=metrics)
+        return StepResult(loss, metrics=metrics, weights=out.sample_weights)

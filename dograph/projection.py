@@ -1,4 +1,4 @@
-"""Projected per-sample gradients (DESIGN 2.1).
+"""Projected per-sample gradients (docs/design.md section 2.1).
 
 For a linear layer with weight gradient ``G_i = sum_t delta_t a_t^T`` (output-grads
 ``Delta_i`` [T, d_out], inputs ``A_i`` [T, d_in]), the Kronecker-factored Gaussian
@@ -86,7 +86,7 @@ class KroneckerProjector:
 
     ``include``/``exclude``: module-name patterns (fnmatch on the qualified or last name).
     Our choice: every Linear/Conv1D except the output head (``lm_head``), which GPT-2 ties
-    to the token embedding (embeddings are excluded by DESIGN 2.1) and whose 50k outputs
+    to the token embedding (embeddings are excluded by docs/design.md section 2.1) and whose 50k outputs
     would dominate the cost. ``out_dim=None`` keeps the concatenated L*r^2 blocks.
     """
 

@@ -33,6 +33,21 @@ def validation_rows(final_eval: dict[str, Any], corpus: Corpus) -> list[list[Any
     return rows
 
 
+def print_weight_summary(result: TrainResult, corpus: Corpus) -> None:
+    """What the sample weights cost (ESS) and did (effective vs sampled human-domain mixture)."""
+    summary = result.weight_summary
+    if not summary.steps:
+        return
+    sampled, effective = summary.mean_mixtures()
+    print(f"\nSample weights over {summary.steps} reweighted steps: effective sample size "
+          f"1 / (B sum v_i^2) mean {summary.mean_ess:.3f}, min {summary.ess_min:.3f} (1 = every sample "
+          "counts equally)")
+    rows = [[d, share, s, e, e - s] for d, share, s, e in
+            zip(corpus.domains, corpus.natural_mixture, sampled, effective, strict=True)]
+    print(markdown_table(["domain", "natural share", "sampled (batch share)", "effective (sum of weights)",
+                          "effective - sampled"], rows))
+
+
 def print_run_summary(result: TrainResult, corpus: Corpus, mixer: Mixer, run_dir: Path,
                       export: Path | None) -> None:
     """The table a run ends with: per-domain validation loss and perplexity, and where things are."""
@@ -42,6 +57,7 @@ def print_run_summary(result: TrainResult, corpus: Corpus, mixer: Mixer, run_dir
     state = result.state
     print(f"\nsteps: {state.step} ({state.skipped_steps} skipped)   tokens seen: {state.tokens_seen:,}   "
           f"wall time: {format_seconds(state.elapsed)}")
+    print_weight_summary(result, corpus)
     for title, text in mixer.summary().items():
         print(f"\n{title}\n{text}")
     print(f"\nrun directory: {run_dir}")

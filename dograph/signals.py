@@ -35,6 +35,7 @@ class StepResult:
     loss: Tensor  # [b] detached per-sample losses of this rank (all micro-batches)
     skipped: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    weights: Tensor | None = None  # [b] the sample weights applied (None: the plain mean 1/B)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class ReweightStep(StepRunner):
         for micro_loss, micro_weights in zip(losses, weights, strict=True):
             (micro_loss * micro_weights).sum().backward()
         all_reduce_gradients(self.ctx.dist, list(self.ctx.model.parameters()))
-        return StepResult(loss, metrics=out.metrics)
+        return StepResult(loss, metrics=out.metrics, weights=out.sample_weights)
 
 
 def build_step_runner(ctx: StepContext, weighted_update: str = "fast") -> StepRunner:

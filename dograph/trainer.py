@@ -28,8 +28,10 @@ from dograph.metrics import MetricAccumulator, MetricsWriter
 from dograph.mixing import Mixer
 from dograph.optim import build_optimizer, learning_rate, set_learning_rate
 from dograph.signals import StepContext, build_step_runner
+from dograph.weight_stats import WeightSummary, global_window, step_weight_stats
 
 log = logging.getLogger(__name__)
+WEIGHT_STATS = "_weight_stats"  # accumulator key of the per-step weight statistics (reduced at log time)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TrainState:
     tokens_seen: int = 0
     elapsed: float = 0.0  # training seconds over all sessions of the run
     skipped_steps: int = 0
+    weight_summary: dict[str, Any] = field(default_factory=dict)  # WeightSummary.state_dict()
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TrainResult:
     state: TrainState
     final_eval: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
+    weight_summary: WeightSummary = field(default_factory=WeightSummary)
 
 
 def micro_batch_plan(cfg: TrainerConfig, world: int) -> tuple[int, int]:
@@ -71,6 +75,8 @@ class Trainer:
                                         cfg.weighted_update)
         self.state = TrainState()
         self.accumulator = MetricAccumulator()
+        self.num_domains = len(data.corpus.domains)
+        self.weight_summary = WeightSummary()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:
@@ -83,7 +89,9 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def save(self) -> None:
-        ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state()})
+        self.state.weight_summary = self.weight_summary.state_dict()
+        ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state(),
+                                               "metrics": self.accumulator.state_dict()})
         if self.dist.is_main:
             state = {"trainer": self.state.__dict__.copy(), "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "mixer": self.mixer.state_dict(),
@@ -100,11 +108,14 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} was written by {len(state['ranks'])} ranks; resume it with "
                               f"the same number (this run has {self.dist.world_size})")
         self.state = TrainState(**state["trainer"])
+        self.weight_summary = WeightSummary.from_state(self.state.weight_summary)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.mixer.load_state_dict(state["mixer"])
-        self.data.sampler.load_state_dict(state["ranks"][self.dist.rank]["data"])
-        set_rng_state(state["ranks"][self.dist.rank]["rng"])
+        mine = state["ranks"][self.dist.rank]
+        self.data.sampler.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+        self.accumulator.load_state_dict(mine.get("metrics", {}), self.dist.device)
         self.writer.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", path, self.state.step)
         return True
@@ -117,6 +128,9 @@ class Trainer:
                    for _ in range(self.accumulation)]
         result = self.runner.run(step, batches)
         metrics = {"train/loss": result.loss.mean(), **result.metrics}
+        if result.weights is not None and not result.skipped:
+            domain = torch.cat([b.domain for b in batches])
+            metrics[WEIGHT_STATS] = step_weight_stats(result.weights, domain, self.num_domains)
         if result.skipped:
             self.state.skipped_steps += 1
             log.warning("step %d skipped: the mixer reported a non-finite signal", step)
@@ -140,7 +154,10 @@ class Trainer:
         return results
 
     def log_train(self, bar: tqdm, started: float, tokens_at_start: int) -> None:
+        """One record per log interval; loss and weight statistics are global (one reduction over ranks)."""
+        losses, weight_stats = self.accumulator.pop("train/loss"), self.accumulator.pop(WEIGHT_STATS)
         values = self.accumulator.flush()
+        values.update(global_window(self.dist, losses, weight_stats, self.cfg.batch_size, self.weight_summary))
         wall = time.perf_counter() - started
         values.update({"lr": learning_rate(self.state.step - 1, self.cfg), "tokens_seen": self.state.tokens_seen,
                        "tokens_per_s": (self.state.tokens_seen - tokens_at_start) / max(wall, 1e-9),
@@ -175,4 +192,4 @@ class Trainer:
         bar.close()
         final = self.run_eval()
         self.save()
-        return TrainResult(self.state, final_eval=final)
+        return TrainResult(self.state, final_eval=final, weight_summary=self.weight_summary)

@@ -1,4 +1,8 @@
-"""Dependency rules of the layout (ARCHITECTURE section 2.4), checked on the source."""
+"""Dependency rules of the layout, checked on the source.
+
+The trainer names no mixer, the library never imports baselines nor reads a DictConfig, and
+baselines import only the contract side of the library.
+"""
 
 from __future__ import annotations
 

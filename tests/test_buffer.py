@@ -1,4 +1,4 @@
-"""ProjectionBuffer: FIFO order, overflow, labels, exact state round trip (DESIGN 2.2)."""
+"""ProjectionBuffer: FIFO order, overflow, labels, exact state round trip (docs/design.md section 2.2)."""
 
 import pytest
 import torch

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from baselines.uniform import UniformMixer
 from dograph.capture import GradientCapture
 from dograph.config import ModelConfig
 from dograph.data.sampler import Batch
 from dograph.distributed import DistContext
+from dograph.errors import ConfigError
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.models import build_model, per_sample_loss
 from dograph.projection import KroneckerProjector
@@ -102,3 +104,56 @@ def test_uniform_registers_no_hooks() -> None:
     runner.run(0, make_batches(100, [4]))
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fast_step_leaves_every_requires_grad_flag_unchanged(family: str) -> None:
+    """Norms, embeddings and the tied head must stay trainable after a fast step; frozen ones stay frozen."""
+    model = build_model(SHAPES[family], 200, seed=1)
+    frozen = next(n for n, p in model.named_parameters() if "norm" in n or "ln_" in n)
+    model.get_parameter(frozen).requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    ctx = StepContext(model, ProjectionWeightMixer(), DistContext(), 6, lambda: torch.autocast("cpu", enabled=False))
+    runner = build_step_runner(ctx, "fast")
+    for step in range(2):
+        runner.run(step, make_batches(200, [3, 3], seed=step))
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads[frozen] is None and all(g is not None for n, g in grads.items() if n != frozen)
+
+
+class ScaledPair(nn.Module):
+    """A module with its own parameter whose output is a tuple (the hooks cannot follow it)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.scale, x
+
+
+class TupleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.pair = ScaledPair(8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        scaled, _ = self.pair(self.embed(ids))
+        return self.head(scaled)
+
+
+def test_a_parameter_left_without_gradient_stops_the_step_naming_it() -> None:
+    model = TupleModel()
+    capture = GradientCapture(model, KroneckerProjector(rank=2, out_dim=8).bind(model), keep_for_update=True)
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    with capture.capturing():
+        capture.start_micro_batch(3)
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+        loss.sum().backward()
+        capture.end_micro_batch()
+    with pytest.raises(ConfigError, match=r"no gradient for pair\.scale.*not a Tensor: pair.*two_pass"):
+        capture.apply_weights([torch.full((3,), 1 / 3)])

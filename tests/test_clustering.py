@@ -1,4 +1,4 @@
-"""KMeansClusterer: recovery, warm starts with stable ids, edge cases (DESIGN 2.2, 5, 6)."""
+"""KMeansClusterer: recovery, warm starts with stable ids, edge cases (docs/design.md sections 2.2, 5, 6)."""
 
 import logging
 
@@ -75,7 +75,7 @@ def test_match_centroids_undoes_a_permutation():
 
 
 def test_warm_objective_close_to_a_cold_fit():
-    """The next refresh sees fresh samples from slightly moved clusters (DESIGN 5: warm
+    """The next refresh sees fresh samples from slightly moved clusters (docs/design.md section 5: warm
     starts must keep quality): warm objective within 1% of restarts from scratch."""
     x, _, centres = blobs(n=2000, dim=64, k=6, sep=3.0)
     km = KMeansClusterer(6, seed=0)

@@ -198,3 +198,15 @@ def test_bpe_is_trained_once_and_cached(tmp_path: Path) -> None:
     again = load_tokenizer("bpe1k", tmp_path, corpus_fingerprint="abc", training_texts=None)
     assert first("sample text")["input_ids"] == again("sample text")["input_ids"]
     assert again.eos_token == "<|endoftext|>"
+
+
+def test_small_domain_gets_its_validation_windows(tmp_path: Path, tokenizer) -> None:
+    """A 125-document domain: the 2% hash share alone gives too few windows (or none)."""
+    write_jsonl(tmp_path / "big.jsonl", docs("big", 2000))
+    write_jsonl(tmp_path / "small.jsonl", docs("small", 125))
+    cfg = DataConfig(source="jsonl", path=str(tmp_path), val_sequences_per_domain=16)
+    corpus = build_corpus(cfg, tmp_path)
+    share = sum(is_validation_doc("small", i, cfg.val_fraction, cfg.val_seed) for i in range(125))
+    assert share <= 3  # that share holds at most ~45 tokens, not 16 windows of 16
+    windows = build_validation(cfg, corpus, tokenizer, seq_len=16)
+    assert [len(w) for w in windows] == [16, 16]

@@ -53,8 +53,8 @@ def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path, m
         assert any(r.get("mixer/warmup") == 0.0 for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train")
 
 
-def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str) -> None:
-    """Run 4 DoGraph steps on this rank's slice of fixed global batches; save grads and weights."""
+def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str, micro: int = 1) -> None:
+    """Run 4 DoGraph steps on this rank's slice of fixed global batches (in ``micro`` micro-batches); save grads."""
     import functools
 
     import torch
@@ -82,29 +82,62 @@ def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: st
     for step in range(4):
         tokens = torch.randint(0, 97, (8, 13), generator=torch.Generator().manual_seed(step))
         local = tokens[rank * 8 // world:(rank + 1) * 8 // world]
-        micro = [Batch(local[:, :-1], local[:, 1:], torch.zeros(len(local), dtype=torch.long))]
-        result = runner.run(step, micro)
+        batches = [Batch(part[:, :-1], part[:, 1:], torch.zeros(len(part), dtype=torch.long))
+                   for part in local.chunk(micro)]
+        result = runner.run(step, batches)
         records.append({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "skipped": result.skipped})
         model.zero_grad(set_to_none=True)
-    torch.save(records, f"{out_dir}/rank{rank}_world{world}_{'two' if two_pass else 'fast'}.pt")
+    torch.save(records, f"{out_dir}/rank{rank}_world{world}_micro{micro}_{'two' if two_pass else 'fast'}.pt")
     if world > 1:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("two_pass", [False, True], ids=["fast", "two_pass"])
-def test_dograph_ddp_gradients_equal_single_process(tmp_path: Path, two_pass: bool) -> None:
-    """Weights come from the gathered global batch, so 2 ranks reproduce one process exactly."""
+@pytest.mark.parametrize(("two_pass", "micro"), [(False, 1), (True, 1), (False, 2)],
+                         ids=["fast", "two_pass", "fast_2_micro_batches"])
+def test_dograph_ddp_gradients_equal_single_process(tmp_path: Path, two_pass: bool, micro: int) -> None:
+    """Weights come from the gathered global batch, so 2 ranks (x ``micro`` micro-batches) reproduce one process."""
     import torch
     import torch.multiprocessing as mp
 
     _dograph_steps(0, 1, 0, two_pass, str(tmp_path))
-    mp.spawn(_dograph_steps, args=(2, free_port(), two_pass, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dograph_steps, args=(2, free_port(), two_pass, str(tmp_path), micro), nprocs=2, join=True)
     tag = "two" if two_pass else "fast"
-    single = torch.load(tmp_path / f"rank0_world1_{tag}.pt", weights_only=False)
-    ranks = [torch.load(tmp_path / f"rank{r}_world2_{tag}.pt", weights_only=False) for r in (0, 1)]
+    single = torch.load(tmp_path / f"rank0_world1_micro1_{tag}.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"rank{r}_world2_micro{micro}_{tag}.pt", weights_only=False) for r in (0, 1)]
+    assert not any(record["skipped"] for record in single)
     for step in range(4):
         for name, expected in single[step]["grads"].items():
             for rank in ranks:
                 got = rank[step]["grads"][name]
                 assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7), (step, name)
+
+
+def _window_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dograph.distributed import DistContext
+    from dograph.weight_stats import WeightSummary, global_window, step_weight_stats
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    losses = [torch.tensor(1.0 + rank), torch.tensor(3.0 + 2 * rank)]  # this rank's mean sample loss per step
+    v = torch.tensor([0.1, 0.2]) if rank == 0 else torch.tensor([0.3, 0.4])  # one step's weights, sum 1 globally
+    stats = [step_weight_stats(v, torch.tensor([0, rank]), 2)]
+    out = global_window(DistContext(rank=rank, world_size=world), losses, stats, 4, WeightSummary())
+    torch.save(out, f"{out_dir}/window{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_logged_train_loss_and_weights_are_global(tmp_path: Path) -> None:
+    """Every rank logs the mean over all ranks, and the ESS of the whole batch's weights."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_window_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"window{rank}.pt", weights_only=False)
+        assert out["train/loss"] == pytest.approx(((1 + 2) / 2 + (3 + 5) / 2) / 2)
+        assert out["train/ess"] == pytest.approx(1 / (4 * (0.01 + 0.04 + 0.09 + 0.16)))
+        assert out["train/effective_mixture"] == pytest.approx([0.1 + 0.2 + 0.3, 0.4])  # domains [0, 0] and [0, 1]
+        assert out["train/sampled_mixture"] == pytest.approx([0.75, 0.25])

@@ -48,7 +48,7 @@ def test_per_sample_weights_formula_and_empty_clusters() -> None:
 def test_warmup_is_uniform_then_clusters() -> None:
     mixer = make_mixer(buffer_size=12)
     first = mixer.weigh(blobs(0))
-    assert torch.allclose(first.sample_weights, torch.full((6,), 1 / 6)) and first.metrics["mixer/warmup"] == 1.0
+    assert first.sample_weights is None and first.metrics["mixer/warmup"] == 1.0  # the plain mean
     second = mixer.weigh(blobs(1))  # the buffer is full after this push: first clustering
     assert "mixer/refresh/ari" in second.metrics and mixer.clusterer.centroids is not None
     third = mixer.weigh(blobs(2))
@@ -78,6 +78,7 @@ def test_single_cluster_is_the_plain_mean() -> None:
     mixer = make_mixer(m=1, buffer_size=6)
     for step in range(3):
         out = mixer.weigh(blobs(step))
+    assert out.metrics["mixer/warmup"] == 0.0
     assert torch.allclose(out.sample_weights, torch.full((6,), 1 / 6))
 
 
@@ -136,15 +137,60 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 DOGRAPH_RUN = ("mixer=dograph", "mixer.buffer_size=16", "m=3", "trainer.batch_size=4")
 
 
+def deterministic_train_records(run_dir: Path) -> list[dict]:
+    """Train records without wall-clock fields (time, throughput, timers)."""
+    clock = ("time", "tokens_per_s")
+    return [{k: v for k, v in r.items() if k not in clock and not k.startswith("mixer/time_")}
+            for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
 def test_dograph_resume_is_exact(make_config, tmp_path: Path) -> None:
+    """Resumed mid log window (step 6 of windows of 4): every logged value is bit-identical."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_training(make_config("trainer.max_steps=12", *DOGRAPH_RUN), straight)
-    first = run_training(make_config("trainer.max_steps=12", "trainer.stop_after_steps=6", *DOGRAPH_RUN), resumed)
+    run = (*DOGRAPH_RUN, "trainer.max_steps=12", "trainer.log_every=4")
+    done = run_training(make_config(*run), straight)
+    first = run_training(make_config(*run, "trainer.stop_after_steps=6"), resumed)
     assert first.stopped_early
-    run_training(make_config("trainer.max_steps=12", "resume=true", *DOGRAPH_RUN), resumed)
-    assert losses_by_step(straight) == losses_by_step(resumed)
+    again = run_training(make_config(*run, "resume=true"), resumed)
+    expected = deterministic_train_records(straight)
+    assert [r["step"] for r in expected] == [4, 8, 12] and "train/ess" in expected[-1]
+    assert deterministic_train_records(resumed) == expected
+    assert again.weight_summary == done.weight_summary and done.weight_summary.steps > 0
     a = (straight / "mixer" / "weights.csv").read_text()
     assert a == (resumed / "mixer" / "weights.csv").read_text() and len(a.splitlines()) > 5
+
+
+def test_weights_report_ess_and_effective_mixture(make_config, tmp_path: Path, capsys) -> None:
+    """Every reweighted step's ESS and effective human-domain mixture are logged and summarised."""
+    from dograph.reporting import print_weight_summary
+
+    result = run_training(make_config("trainer.max_steps=10", *DOGRAPH_RUN), tmp_path)
+    assignments = np.load(tmp_path / "mixer" / "assignments.npz")
+    weights = np.loadtxt(tmp_path / "mixer" / "weights.csv", delimiter=",", skiprows=1)
+    ess, effective = [], []
+    for row, cluster, domain in zip(weights, assignments["cluster"], assignments["domain"], strict=True):
+        w, sizes = row[3:6], row[6:9]
+        v = w[cluster] / (sizes[cluster] * w[sizes > 0].sum())
+        ess.append(1.0 / (len(v) * np.sum(v**2)))
+        effective.append(np.bincount(domain, weights=v, minlength=3))
+    summary = result.weight_summary
+    assert summary.steps == len(ess) > 0
+    assert summary.mean_ess == pytest.approx(np.mean(ess), rel=1e-5)
+    assert summary.ess_min == pytest.approx(min(ess), rel=1e-5)
+    assert summary.mean_mixtures()[1] == pytest.approx(np.mean(effective, 0).tolist(), rel=1e-5, abs=1e-7)
+    logged = [r for r in read_metrics(tmp_path) if r["kind"] == "train" and "train/ess" in r]
+    assert len(logged) == len(ess) and all(0 < r["train/ess"] <= 1 + 1e-6 for r in logged)
+    assert all(abs(sum(r["train/effective_mixture"]) - 1) < 1e-5 for r in logged)
+    print_weight_summary(result, build_corpus_stub(3))
+    out = capsys.readouterr().out
+    assert f"mean {np.mean(ess):.3f}, min {min(ess):.3f}" in out and "effective (sum of weights)" in out
+
+
+def build_corpus_stub(num_domains: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(domains=[f"d{i}" for i in range(num_domains)],
+                           natural_mixture=[1 / num_domains] * num_domains)
 
 
 def test_dograph_run_logs_and_saves_its_histories(make_config, tmp_path: Path) -> None:

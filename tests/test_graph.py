@@ -1,4 +1,4 @@
-"""Cluster statistics (EMA), cosine graph, Laplacian, cluster/domain agreement (DESIGN 2.3, 2.6)."""
+"""Cluster statistics (EMA), cosine graph, Laplacian, cluster/domain agreement (docs/design.md sections 2.3, 2.6)."""
 
 import math
 

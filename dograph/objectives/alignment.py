@@ -1,4 +1,4 @@
-"""The ``alignment`` objective (DESIGN 2.4): weight clusters by agreement with the update.
+"""The ``alignment`` objective (docs/design.md section 2.4): weight clusters by agreement with the update.
 
 Fixed point ``w_k ∝ max(0, cos(mu_k, sum_j w_j mu_j))``, a few iterations from uniform
 weights. It is not convex and is solved by iteration; the floor, mask, graph and proximal
@@ -27,7 +27,7 @@ def alignment_fixed_point(means: np.ndarray, active: np.ndarray, iterations: int
 
     Stops after ``iterations`` steps or when no weight moves by more than ``tol``. When the
     aggregate update is 0 or every cosine is <= 0 the weights are uniform over the active
-    clusters (DESIGN 2.4's rule, our reading). Zero-norm means have cosine 0.
+    clusters (the rule of docs/design.md section 2.4, our reading). Zero-norm means have cosine 0.
     """
     means = np.asarray(means, np.float64)
     norms = np.linalg.norm(means, axis=1)
@@ -48,7 +48,7 @@ def alignment_fixed_point(means: np.ndarray, active: np.ndarray, iterations: int
 
 
 class AlignmentObjective(Objective):
-    """Alignment weights (DESIGN 2.4) made feasible by a projection QP (our choice).
+    """Alignment weights (docs/design.md section 2.4) made feasible by a projection QP (our choice).
 
     ``w_fp`` is the fixed point of :func:`alignment_fixed_point` (its closed form here); the
     solve then returns the minimiser of ``||w - w_fp||^2 + lambda_g w^T Lap w +

@@ -1,12 +1,12 @@
-"""Shared machinery of DoGraph's cluster-weight objectives (DESIGN 2.3, 2.4, 5, 6).
+"""Shared machinery of DoGraph's cluster-weight objectives (docs/design.md sections 2.3, 2.4, 5, 6).
 
 Every objective solves, over w in R^m,
 
     minimise  f(w) + lambda_g * w^T Lap w + tau * ||w - w_prev||^2
     s.t.      sum_k w_k = 1,  w_k >= w_min on active clusters,  w_k = 0 on inactive ones,
 
-where ``f`` is the objective's own term (DESIGN 2.4), ``Lap = D - A`` the graph Laplacian
-of the caller's adjacency ``A`` (DESIGN 2.3) and ``w_min = floor / n_active``.
+where ``f`` is the objective's own term (docs/design.md section 2.4), ``Lap = D - A`` the graph Laplacian
+of the caller's adjacency ``A`` (docs/design.md section 2.3) and ``w_min = floor / n_active``.
 
 Conventions (our choices, all documented where used):
 
@@ -16,7 +16,7 @@ Conventions (our choices, all documented where used):
   graph term's Hessian is ``2 lambda_g Lap`` and the proximal term's ``2 tau I``, so
   ``graph_weight`` and ``proximal_weight`` are curvatures *relative to the objective's
   own*, with the same meaning for every objective, dataset and gradient scale. The
-  closed forms of DESIGN 2.4 are unchanged by this scaling (for ``robust`` the losses
+  closed forms of docs/design.md section 2.4 are unchanged by this scaling (for ``robust`` the losses
   stay in nats so that ``softmax(eta * L)`` keeps its meaning; only the overall factor
   and a constant shift change, which leave the minimiser unchanged; its factor uses m,
   not the active count, to stay DPP, see :class:`RobustObjective`).
@@ -25,11 +25,11 @@ Conventions (our choices, all documented where used):
   the objective (our choice; the paper gives no values).
 * **Floor.** ``w_min = floor / n_active``, counting *active* clusters so that the floors
   always sum to ``floor < 1`` and the problem stays feasible however many clusters have
-  statistics (our choice; DESIGN 2.3 writes ``0.1 / m`` with every cluster active).
+  statistics (our choice; docs/design.md section 2.3 writes ``0.1 / m`` with every cluster active).
 * **Graph edges** touching an inactive cluster are dropped: an inactive cluster's weight
   is forced to 0 and must not drag its neighbours down (our choice).
 * **Compilation.** The CVXPY problem is built once per instance with ``cp.Parameter``
-  values and is DPP (DESIGN 6): the graph term is ``sum_squares(multiply(sqrt_a, E @ w))``
+  values and is DPP (docs/design.md section 6): the graph term is ``sum_squares(multiply(sqrt_a, E @ w))``
   with a constant edge-incidence matrix ``E`` over all pairs ``k < l`` and a Parameter
   ``sqrt_a = sqrt(lambda_g * A_kl)``; the mask enters through Parameter bounds. A step
   sets parameter values and re-solves from CVXPY's cached parametrised program.
@@ -38,10 +38,13 @@ Conventions (our choices, all documented where used):
   1 ms) and, being interior-point, reaches tight tolerances (1e-9 here) in a few more
   iterations, where OSQP and SCS are first-order methods. ``solver`` selects another
   supported one.
-* **Failures** never raise: a solver error, a non-optimal status or a non-finite or
-  infeasible answer falls back to the closed form projected onto the feasible set
+* **Failures**: a solver error, a non-optimal status or a non-finite or infeasible answer
+  (``NUMERICAL_ERRORS``) falls back to the closed form projected onto the feasible set
   (``fallback=True``, a warning through :mod:`logging` naming the step); non-finite
-  statistics fall back to uniform weights over the active clusters.
+  statistics fall back to uniform weights over the active clusters. Any other exception
+  is a bug and propagates.
+* **Active clusters** are the ones the caller solves for: DoGraph passes the clusters
+  present in the step's global batch (docs/design.md section 2.5), so absent ones get weight 0.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ _SOLVER_OPTIONS = MappingProxyType({
 
 @dataclass(frozen=True)
 class ObjectiveInputs:
-    """Per-cluster EMA statistics of one step (DESIGN 2.3); numpy float64 on the host."""
+    """Per-cluster EMA statistics of one step (docs/design.md section 2.3); numpy float64 on the host."""
 
     counts: np.ndarray  # [m] EMA count n_k (>= 0)
     means: np.ndarray  # [m, k] EMA projected mean gradient mu_k
@@ -85,7 +88,9 @@ class ObjectiveInputs:
     losses: np.ndarray  # [m] EMA mean loss L_k (nats)
     adjacency: np.ndarray  # [m, m] A_kl = max(0, cos(mu_k, mu_l)), zero diagonal
     mean_grad: np.ndarray  # [k] mu_bar, the count-weighted mean gradient of the batch
-    active: np.ndarray  # [m] bool: clusters with statistics; inactive ones get weight 0
+    active: np.ndarray  # [m] bool: the clusters solved for (present in the batch); others get weight 0
+    batch_means: np.ndarray | None = None  # [m, k] the batch's per-cluster mean gradients (None: ``means``)
+    batch_counts: np.ndarray | None = None  # [m] the batch's cluster sizes (None: ``counts``)
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class ObjectiveResult:
 
 class SolverFailure(RuntimeError):
     """The solver returned no usable answer (status, non-finite or infeasible values)."""
+
+
+# What a solve may legitimately raise on hard numbers; anything else (a programming error) propagates.
+NUMERICAL_ERRORS = (SolverFailure, cp.error.SolverError, ArithmeticError, np.linalg.LinAlgError)
 
 
 def config_check(cond: bool, key: str, message: str, value: Any) -> None:
@@ -186,7 +195,7 @@ def project_to_feasible(v: np.ndarray, lower: np.ndarray, active: np.ndarray) ->
 
 
 class Objective(ABC):
-    """DoGraph's cluster-weight problem (DESIGN 2.4): objective term + graph + proximal.
+    """DoGraph's cluster-weight problem (docs/design.md section 2.4): objective term + graph + proximal.
 
     Subclasses supply the objective's own term as a DPP CVXPY expression
     (:meth:`_main_term`), its normalised statistics (:meth:`_prepare`, :meth:`_assign`),
@@ -268,16 +277,20 @@ class Objective(ABC):
 
     @abstractmethod
     def _closed_form(self, stats: Stats) -> np.ndarray:
-        """DESIGN 2.4's closed form on the active clusters (no floor, graph or proximal term)."""
+        """The closed form of docs/design.md section 2.4 on the active clusters (no floor, graph or proximal term)."""
 
     def _violation(self, stats: Stats, w: np.ndarray) -> float:
         """How much ``w`` violates the objective's extra constraints (0 when none)."""
         return 0.0
 
+    def _repair(self, stats: Stats, w: np.ndarray) -> np.ndarray:
+        """Make ``w`` satisfy the constraints that protect the applied update (identity by default)."""
+        return w
+
     # ---- public API ------------------------------------------------------------------------
 
     def closed_form(self, inputs: ObjectiveInputs) -> np.ndarray:
-        """Closed-form weights (DESIGN 2.4) over the active clusters; uniform on bad inputs."""
+        """Closed-form weights (docs/design.md section 2.4) over the active clusters; uniform on bad inputs."""
         active = self._active_mask(inputs)
         if not active.any():
             return np.full(self.num_clusters, 1.0 / self.num_clusters)
@@ -314,6 +327,7 @@ class Objective(ABC):
             weights, fallback = active.astype(np.float64), False
         else:
             weights, fallback = self._solve_or_fallback(stats, w_prev, step)
+        weights = self._repair(stats, weights)
         value = self._full_value(stats, weights, w_prev)
         return ObjectiveResult(weights, value, fallback, time.perf_counter() - start)
 
@@ -334,7 +348,8 @@ class Objective(ABC):
 
     def _finite(self, inputs: ObjectiveInputs, active: np.ndarray) -> bool:
         """Are the statistics this objective reads finite on the active clusters?"""
-        arrays = [np.asarray(getattr(inputs, f))[active] for f in self.uses if f != "mean_grad"]
+        arrays = [np.asarray(getattr(inputs, f))[active] for f in self.uses
+                  if f != "mean_grad" and getattr(inputs, f) is not None]
         if "mean_grad" in self.uses:
             arrays.append(np.asarray(inputs.mean_grad))
         if self.graph_weight > 0:
@@ -372,7 +387,7 @@ class Objective(ABC):
     def _solve_or_fallback(self, stats: Stats, w_prev: np.ndarray, step: int) -> tuple[np.ndarray, bool]:
         try:
             return self._solve_cvxpy(stats, w_prev), False
-        except Exception as exc:  # never raise (DESIGN 2.4): any solver error falls back
+        except NUMERICAL_ERRORS as exc:  # docs/design.md section 2.4: a solver or numerical failure falls back
             logger.warning("objective %s at step %d: solver %s failed (%s: %s); using the projected "
                            "closed form", self.name, step, self.solver, type(exc).__name__, exc)
         closed = normalise_weights(self._closed_form(stats), stats["active"])

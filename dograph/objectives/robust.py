@@ -1,4 +1,4 @@
-"""The ``robust`` objective (DESIGN 2.4): a softmax over cluster losses.
+"""The ``robust`` objective (docs/design.md section 2.4): a softmax over cluster losses.
 
 maximise ``sum_k w_k L_k + (1/eta) H(w)`` with ``H`` the entropy; closed form (no extra
 terms) ``w = softmax(eta * L)``: clusters the model finds hard get more weight.
@@ -13,7 +13,7 @@ from dograph.objectives.base import Objective, ObjectiveInputs, Stats, as_float
 
 
 class RobustObjective(Objective):
-    """Entropy-regularised worst-case weighting of cluster losses (DESIGN 2.4).
+    """Entropy-regularised worst-case weighting of cluster losses (docs/design.md section 2.4).
 
     Solved as the minimisation of (our normalisation, see :mod:`.base`)
     ``f(w) = (2 / m) * (sum_k w_k log w_k - eta * sum_k w_k (L_k - Lbar))``, ``m`` the number

@@ -1,4 +1,4 @@
-"""The ``uncertainty`` objective, DoGraph's default (DESIGN 2.4).
+"""The ``uncertainty`` objective, DoGraph's default (docs/design.md section 2.4).
 
 minimise ``sum_k s2_k w_k^2`` (+ graph and proximal terms, see :mod:`.base`), with
 ``s2_k`` the EMA intra-cluster gradient variance; closed form ``w_k ∝ 1 / s2_k``.
@@ -13,7 +13,7 @@ from dograph.objectives.base import Objective, ObjectiveInputs, Stats, normalise
 
 
 class UncertaintyObjective(Objective):
-    """Down-weight clusters whose gradients are noisy: ``min sum_k s2_k w_k^2`` (DESIGN 2.4).
+    """Down-weight clusters whose gradients are noisy: ``min sum_k s2_k w_k^2`` (docs/design.md section 2.4).
 
     ``s2`` is divided by its mean over active clusters and floored at ``eps`` (so a
     zero-variance cluster gets a finite weight; our choice). The term is then

@@ -1,8 +1,10 @@
-"""The ``variance`` objective (DESIGN 2.4).
+"""The ``variance`` objective (docs/design.md sections 2.4, 2.5).
 
-minimise the variance over active clusters of ``w_k ||mu_k||`` subject to the descent
-constraint ``<sum_k w_k mu_k, mu_bar> >= 0``; closed form (constraint inactive, no extra
-terms) ``w_k ∝ 1 / ||mu_k||``: every cluster then contributes an update of equal norm.
+minimise the variance over the solved clusters of ``w_k ||mu_k||`` subject to the descent
+constraint ``<u, mu_bar> >= 0`` for the update actually applied, ``u = sum_k w_k gbar_k``
+(``gbar_k``: the batch's mean projected gradient of cluster k; ``mu_bar``: the batch's mean
+projected gradient); closed form (constraint inactive, no extra terms) ``w_k ∝ 1 / ||mu_k||``:
+every cluster then contributes an update of equal norm.
 """
 
 from __future__ import annotations
@@ -14,22 +16,27 @@ from dograph.objectives.base import Objective, ObjectiveInputs, Stats, normalise
 
 
 class VarianceObjective(Objective):
-    """Equalise the clusters' contributions ``w_k ||mu_k||`` under a descent constraint (DESIGN 2.4).
+    """Equalise the clusters' contributions ``w_k ||mu_k||`` under a descent constraint (docs/design.md section 2.4).
 
     Normalisation (our choice, see :mod:`.base`): ``a_k = ||mu_k|| / mean_active ||mu||``
-    floored at ``eps``, and the term is the *sum* of squared deviations
+    (EMA means) floored at ``eps``, and the term is the *sum* of squared deviations
     ``sum_{k active} (a_k w_k - mean_active(a w))^2`` (n_active times the variance), whose
     Hessian at equal norms is ``2 I`` on the simplex's tangent space. In CVXPY the mean is
     an auxiliary variable ``t`` (minimising over ``t`` gives the mean), which keeps the
-    problem DPP without a Parameter times a parametrised expression (DESIGN 6).
-    The constraint is scaled to ``sum_k w_k d_k >= 0`` with
-    ``d_k = <mu_k, mu_bar> / (mean_active ||mu|| * ||mu_bar||)`` (0 when ``mu_bar = 0``).
-    If the floor makes it infeasible, the solver reports so and the projected closed form is
-    used (``fallback=True``); that fallback does not enforce the constraint (our choice).
+    problem DPP without a Parameter times a parametrised expression (docs/design.md section 6).
+
+    The constraint protects the applied update (docs/design.md section 2.5): it is built from the batch's
+    per-cluster means ``gbar_k`` (``ObjectiveInputs.batch_means``), scaled to
+    ``sum_k w_k d_k >= 0`` with ``d_k = <gbar_k, mu_bar> / (mean_active ||gbar|| * ||mu_bar||)``
+    (0 when ``mu_bar = 0``), so it holds exactly when ``<u, mu_bar> >= 0``. The batch-count
+    proportions ``p_k = n_k / B`` always satisfy it (``sum_k p_k gbar_k = mu_bar``), so a
+    solver answer within tolerance of it, or a fallback that breaks it, is moved toward ``p``
+    just far enough to satisfy it (``_repair``; our choice: the descent guarantee takes
+    precedence over the floor).
     """
 
     name = "variance"
-    uses = ("means", "mean_grad")
+    uses = ("means", "mean_grad", "batch_means")
 
     def _main_term(self, w: cp.Variable) -> tuple[cp.Expression, list[cp.Constraint]]:
         m = self.num_clusters
@@ -41,12 +48,17 @@ class VarianceObjective(Objective):
 
     def _prepare(self, inputs: ObjectiveInputs, active: np.ndarray) -> Stats:
         means = np.asarray(inputs.means, np.float64)
+        batch = means if inputs.batch_means is None else np.asarray(inputs.batch_means, np.float64)
+        counts = inputs.counts if inputs.batch_counts is None else inputs.batch_counts
         mean_grad = np.asarray(inputs.mean_grad, np.float64)
-        raw = np.linalg.norm(means, axis=1)
-        scale = raw[active].mean() * np.linalg.norm(mean_grad)
-        descent = means @ mean_grad / scale if scale > 0 else np.zeros(len(raw))
-        return {"norms": normalise_by_active_mean(raw, active, self.eps),
-                "descent": np.where(active, descent, 0.0)}
+        batch_norms = np.linalg.norm(batch, axis=1)
+        scale = batch_norms[active].mean() * np.linalg.norm(mean_grad)
+        descent = batch @ mean_grad / scale if scale > 0 else np.zeros(len(batch_norms))
+        proportions = np.where(active, np.maximum(np.asarray(counts, np.float64), 0.0), 0.0)
+        total = proportions.sum()
+        return {"norms": normalise_by_active_mean(np.linalg.norm(means, axis=1), active, self.eps),
+                "descent": np.where(active, descent, 0.0),
+                "proportions": proportions / total if total > 0 else active / active.sum()}
 
     def _assign(self, stats: Stats) -> None:
         self._norms.value = stats["norms"]
@@ -63,3 +75,13 @@ class VarianceObjective(Objective):
 
     def _violation(self, stats: Stats, w: np.ndarray) -> float:
         return max(0.0, -float(stats["descent"] @ w))
+
+    def _repair(self, stats: Stats, w: np.ndarray) -> np.ndarray:
+        """Mix ``w`` toward the batch proportions ``p`` just enough that ``sum_k w_k d_k >= 0``."""
+        d, p = stats["descent"], stats["proportions"]
+        at_w, at_p = float(d @ w), float(d @ p)
+        if at_w >= 0.0 or at_p <= at_w:
+            return w
+        t = min(1.0, -at_w / (at_p - at_w))
+        mixed = (1.0 - t) * w + t * p
+        return mixed if float(d @ mixed) >= 0.0 else p
