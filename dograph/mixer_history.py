@@ -1,9 +1,14 @@
-"""Per-step and per-refresh records of the DoGraph mixer, saved as files for plots (docs/design.md section 2.6).
+"""Histories of mixers, saved as files for plots (docs/design.md sections 2.6, 3).
+
+``MixerHistory`` (DoGraph):
 
 ``weights.csv``: one row per weighted step (cluster weights, batch cluster sizes, objective
 value, fallback flag); ``assignments.npz``: per step the cluster of every sample of the
 global batch and its human domain; ``refreshes.jsonl``: per K-means refresh the centroid
 drift, the cluster-vs-domain contingency table, ARI and NMI.
+
+``DomainWeightHistory`` (baselines): ``weights.csv``, one row per step of the weights over
+human domains.
 """
 
 from __future__ import annotations
@@ -71,3 +76,47 @@ def _atomic(path: Path, write, text: bool = False) -> None:
     with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
         write(handle)
     os.replace(tmp, path)
+
+
+@dataclass
+class DomainWeightHistory:
+    """Per-step weights over human domains of a baseline mixer (docs/design.md section 3).
+
+    ``record`` one row per step; ``save`` writes ``weights.csv`` (step, one column per
+    domain, then any extra named columns) atomically; ``state_dict`` goes into checkpoints
+    so a resumed run writes the same file; ``metrics`` gives ``mixer/weights/<domain>``.
+    """
+
+    domains: list[str]
+    extra: list[str] = field(default_factory=list)  # names of extra per-step columns
+    steps: list[int] = field(default_factory=list)
+    rows: list[list[float]] = field(default_factory=list)
+
+    def record(self, step: int, weights: Any, **extra: float) -> None:
+        values = [float(w) for w in weights]
+        if len(values) != len(self.domains):
+            raise ValueError(f"{len(values)} weights for {len(self.domains)} domains")
+        self.steps.append(int(step))
+        self.rows.append(values + [float(extra[name]) for name in self.extra])
+
+    def metrics(self, weights: Any) -> dict[str, float]:
+        return {f"mixer/weights/{d}": float(w) for d, w in zip(self.domains, weights, strict=True)}
+
+    def mean(self) -> list[float]:
+        """The time average of the recorded weights (0 rows: an empty list)."""
+        if not self.rows:
+            return []
+        d = len(self.domains)
+        return [sum(row[i] for row in self.rows) / len(self.rows) for i in range(d)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "rows": [list(r) for r in self.rows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.rows = list(state["steps"]), [list(r) for r in state["rows"]]
+
+    def save(self, out_dir: Path, name: str = "weights.csv") -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        header = ["step", *self.domains, *self.extra]
+        rows = [[s, *r] for s, r in zip(self.steps, self.rows, strict=True)]
+        _atomic(out_dir / name, lambda h: csv.writer(h).writerows([header, *rows]), text=True)
