@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from dograph.config import RunConfig
 from dograph.data.builder import RunData, build_run_data
@@ -33,6 +33,7 @@ from dograph.errors import ConfigError, DographError
 from dograph.metrics import MetricsWriter
 from dograph.mixing import Mixer
 from dograph.models import build_model, count_parameters, format_count
+from dograph.pipeline import StageResult, StageSpec, run_stages, write_stage_summary
 from dograph.reporting import print_run_summary
 from dograph.trainer import Trainer, TrainResult
 
@@ -58,15 +59,46 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bo
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext) -> Mixer:
-    """Instantiate ``cfg.mixer`` (a ``_target_`` dict) with the run's runtime objects."""
+def mixer_class(cfg: RunConfig) -> type[Mixer]:
+    """The class ``cfg.mixer._target_`` names (a clear error if it is not a Mixer)."""
     if not isinstance(cfg.mixer, dict) or "_target_" not in cfg.mixer:
         raise ConfigError("mixer must be a config node with a _target_ (choose one with mixer=NAME)")
     try:
+        cls = get_class(cfg.mixer["_target_"])
+    except Exception as exc:  # hydra wraps import errors of every kind
+        raise ConfigError(f"mixer._target_={cfg.mixer['_target_']} cannot be imported ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+        raise ConfigError(f"mixer._target_={cfg.mixer['_target_']} is not a dograph.mixing.Mixer")
+    return cls
+
+
+def method_name(cfg: RunConfig) -> str:
+    """The method's name for stage directories: the module of its mixer (``baselines.doremi.X`` -> doremi)."""
+    return str(cfg.mixer["_target_"]).rsplit(".", 2)[-2]
+
+
+def plan_stages(cfg: RunConfig) -> list[StageSpec]:
+    return mixer_class(cfg).plan_stages(dict(cfg.mixer))
+
+
+def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext,
+                stage_results: dict[str, StageResult] | None = None) -> Mixer:
+    """Instantiate ``cfg.mixer`` (a ``_target_`` dict) with the run's runtime objects.
+
+    A staged method's mixer also receives the results of its stages (their config nodes,
+    ``mixer.<stage>``, are not passed on).
+    """
+    mixer_class(cfg)
+    node = dict(cfg.mixer)
+    extra: dict[str, Any] = {}
+    if stage_results:
+        node = {k: v for k, v in node.items() if k not in {spec.name for spec in plan_stages(cfg)}}
+        extra["stage_results"] = stage_results
+    try:
         # a partial first: runtime objects passed through instantiate would become DictConfigs
-        make = instantiate(cfg.mixer, _partial_=True)
+        make = instantiate(node, _partial_=True)
         mixer = make(domains=list(data.corpus.domains), natural_mixture=list(data.corpus.natural_mixture),
-                     dist=dist, seed=cfg.seed)
+                     dist=dist, seed=cfg.seed, **extra)
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, DographError):
@@ -127,12 +159,27 @@ def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
         return None
     dist = init_distributed(cfg.trainer.device)
     try:
-        return _train(cfg, run_dir, dist)
+        specs = plan_stages(cfg)
+        if not specs:
+            return _train(cfg, run_dir, dist)
+        results = run_stages(cfg, method_name(cfg), specs, dist, _train)
+        result = _train(cfg, run_dir, dist, stage_results=results)
+        if dist.is_main:
+            write_stage_summary(run_dir, results)
+            print_stage_costs(results)
+        return result
     finally:
         shutdown(dist)
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: DistContext) -> TrainResult:
+def print_stage_costs(results: dict[str, StageResult]) -> None:
+    for r in results.values():
+        how = "reused" if r.reused else "trained"
+        print(f"stage {r.method}/{r.name}: {how}, {r.steps} steps, {r.wall_time_s:.0f} s on {r.device} ({r.run_dir})")
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: DistContext,
+           stage_results: dict[str, StageResult] | None = None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)
     barrier(dist)
@@ -143,7 +190,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext) -> TrainResult:
     model = build_model(cfg.model, len(tok), bos_id=tok.eos_token_id, eos_id=tok.eos_token_id, seed=cfg.seed)
     model.to(dist.device)
     n_params = count_parameters(model)
-    mixer = build_mixer(cfg, data, dist)
+    mixer = build_mixer(cfg, data, dist, stage_results)
     if dist.is_main:
         print(f"model: {n_params:,} parameters ({format_count(n_params)}); data: {data.corpus.description}, "
               f"{len(data.corpus.domains)} domains; device {dist.device} x {dist.world_size}; run dir {run_dir}")
@@ -155,6 +202,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext) -> TrainResult:
     trainer = Trainer(cfg.trainer, model, data, mixer, dist=dist, run_dir=run_dir, writer=writer)
     try:
         result = trainer.fit(resume=cfg.resume)
+        result.outputs = mixer.outputs() if dist.is_main else {}
         if dist.is_main and not result.stopped_early:
             export = export_hf(trainer, tok, run_dir) if cfg.trainer.export_hf else None
             print_run_summary(result, data.corpus, mixer, run_dir, export)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -185,6 +186,21 @@ class RunConfig:
         _require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
                  f"must be <= model.max_position_embeddings={self.model.max_position_embeddings}",
                  self.trainer.seq_len)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_group_option(group: str, name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """The plain values of ``conf/<group>/<name>.yaml`` (for pipeline stages that name a model or preset)."""
+    from omegaconf import OmegaConf
+
+    path = conf_dir / group / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        raise ConfigError(f"unknown {group} {name!r}: choose one of {', '.join(choices)}")
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return {k: v for k, v in (values or {}).items() if k != "defaults"}
 
 
 def register_configs() -> None:

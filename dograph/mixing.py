@@ -7,6 +7,9 @@ The trainer asks a mixer two things and knows nothing else about it:
 * ``weigh(signals)``: per-sample loss weights for the current optimizer step
   (DoGraph, loss-based reweighting change how much each drawn sample counts).
 
+A method that needs earlier runs (a reference or proxy model) declares them with
+``plan_stages``; the app runs them first and hands their ``outputs`` to the main mixer.
+
 A mixer declares in ``requires`` which costly signals it reads; the trainer computes
 only those (projected per-sample gradients need hooks and a projection, so a mixer
 that does not ask for them costs nothing). A mixer whose ``reweights`` is False is
@@ -25,6 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from dograph.pipeline import StageSpec
     from dograph.projection import Projector
 
 
@@ -33,6 +37,8 @@ class Signal(StrEnum):
 
     DOMAIN = "domain"  # [b] int64 human-domain id of each sequence
     GRAD_PROJ = "grad_proj"  # [b, k] projected per-sample gradient (hooks + projection)
+    TOKEN_LOSS = "token_loss"  # [b, T] per-token loss (nats), detached
+    DOMAIN_GRAM = "domain_gram"  # [D, D] Gram of the per-domain mean-loss gradients of the global batch
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,11 @@ class StepSignals:
     loss: Tensor  # [b] mean token loss of each sequence, detached
     domain: Tensor | None = None  # [b] if Signal.DOMAIN in requires
     grad_proj: Tensor | None = None  # [b, k] if Signal.GRAD_PROJ in requires
+    lr: float = 0.0  # the learning rate of this step's update
+    targets: Tensor | None = None  # [b, T] next-token targets, with TOKEN_LOSS
+    token_loss: Tensor | None = None  # [b, T] if Signal.TOKEN_LOSS in requires
+    domain_gram: Tensor | None = None  # [D, D] if Signal.DOMAIN_GRAM in requires (identical on every rank)
+    domain_counts: Tensor | None = None  # [D] samples per domain in the global batch, with DOMAIN_GRAM
 
 
 @dataclass
@@ -56,7 +67,8 @@ class MixerOutput:
 
     ``sample_weights``: [b] non-negative weights of this rank's samples; summed over
     the *global* batch (all ranks, all micro-batches) they equal 1, so the update is
-    ``sum_i v_i * grad(loss_i)``. ``None`` means the plain mean (every sample 1/B).
+    ``sum_i v_i * grad(loss_i)`` (a method that clips per-domain gradients, like DoGE, may
+    sum to less). ``None`` means the plain mean (every sample 1/B).
     ``skip_step``: the optimizer step must not be taken (e.g. a non-finite gradient
     signal); the trainer logs it and moves on. ``metrics``: ``"mixer/..."`` scalars or
     small tensors the trainer logs at its log interval (mixers never log themselves).
@@ -86,7 +98,10 @@ class Mixer(ABC):
         return None
 
     def sampling_mixture(self) -> Tensor | None:
-        """[D] probabilities over human domains, or None to keep the current mixture."""
+        """[D] probabilities over human domains, or None to keep the current mixture.
+
+        Asked before the first step (and after a resume) and after every step.
+        """
         return None
 
     @abstractmethod
@@ -102,6 +117,20 @@ class Mixer(ABC):
     def summary(self) -> dict[str, Any]:
         """Final facts for the closing table of a run (weights, cluster tables, ...)."""
         return {}
+
+    def outputs(self) -> dict[str, Any]:
+        """What a run of this mixer produced for later pipeline stages (JSON-ready; e.g. a mixture)."""
+        return {}
+
+    @classmethod
+    def plan_stages(cls, node: dict[str, Any]) -> list[StageSpec]:
+        """Earlier runs this method needs before the main run (DoReMi: reference, proxy).
+
+        ``node`` is the method's mixer config. The app runs the stages (cached by config
+        hash, ``dograph.pipeline``) and passes their results to the main mixer as
+        ``stage_results``. Default: none.
+        """
+        return []
 
     def save_artifacts(self, out_dir: Path) -> None:  # noqa: B027 (optional hook)
         """Write histories (weights, assignments) under ``out_dir``; rank 0 only."""

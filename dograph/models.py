@@ -52,11 +52,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
-def per_sample_loss(model: nn.Module, input_ids: Tensor, targets: Tensor) -> Tensor:
-    """[B] mean next-token cross-entropy of each sequence (nats), computed in float32."""
+def per_token_loss(model: nn.Module, input_ids: Tensor, targets: Tensor) -> Tensor:
+    """[B, T] next-token cross-entropy of every position (nats), computed in float32."""
     logits = model(input_ids=input_ids).logits  # [B, T, V]
     token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return token_loss.view(targets.shape).mean(dim=1)
+    return token_loss.view(targets.shape)
+
+
+def per_sample_loss(model: nn.Module, input_ids: Tensor, targets: Tensor) -> Tensor:
+    """[B] mean next-token cross-entropy of each sequence (nats), computed in float32."""
+    return per_token_loss(model, input_ids, targets).mean(dim=1)
 
 
 def format_count(n: int) -> str:

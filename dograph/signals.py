@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dograph.data.sampler import Batch
 from dograph.distributed import DistContext, all_reduce_gradients
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
-from dograph.models import per_sample_loss
+from dograph.models import per_sample_loss, per_token_loss
 
 
 @dataclass
@@ -47,6 +47,8 @@ class StepContext:
     dist: DistContext
     global_batch: int  # sequences per optimizer step over all ranks and micro-batches
     autocast: Callable[[], AbstractContextManager]
+    lr_at: Callable[[int], float] = lambda step: 0.0  # the learning rate of a step (the schedule)
+    num_domains: int = 1  # human domains of the corpus
 
 
 class StepRunner(ABC):
@@ -56,6 +58,11 @@ class StepRunner(ABC):
     def forward_loss(self, batch: Batch) -> Tensor:
         with self.ctx.autocast():
             return per_sample_loss(self.ctx.model, batch.input_ids, batch.targets)
+
+    def forward_token_loss(self, batch: Batch) -> Tensor:
+        """[b, T] per-token losses (with the graph), for mixers that read TOKEN_LOSS."""
+        with self.ctx.autocast():
+            return per_token_loss(self.ctx.model, batch.input_ids, batch.targets)
 
     @abstractmethod
     def run(self, step: int, micro_batches: list[Batch]) -> StepResult:
@@ -89,12 +96,18 @@ class PlainStep(StepRunner):
         return StepResult(torch.cat(losses))
 
 
-def step_signals(ctx: StepContext, step: int, micro_batches: list[Batch], loss: Tensor,
-                 grad_proj: Tensor | None = None) -> StepSignals:
-    """The signals of the whole step (micro-batches concatenated), as the mixer declared."""
-    domain = torch.cat([b.domain for b in micro_batches]) if Signal.DOMAIN in ctx.mixer.requires else None
+def step_signals(ctx: StepContext, step: int, micro_batches: list[Batch], loss: Tensor, **measured: Any
+                 ) -> StepSignals:
+    """The signals of the whole step (micro-batches concatenated), as the mixer declared.
+
+    ``measured``: the costly signals the runner computed (``grad_proj``, ``token_loss``,
+    ``domain_gram``, ``domain_counts``).
+    """
+    requires = ctx.mixer.requires
+    domain = torch.cat([b.domain for b in micro_batches]) if Signal.DOMAIN in requires else None
+    targets = torch.cat([b.targets for b in micro_batches]) if Signal.TOKEN_LOSS in requires else None
     return StepSignals(step=step, input_ids=torch.cat([b.input_ids for b in micro_batches]), loss=loss,
-                       domain=domain, grad_proj=grad_proj)
+                       domain=domain, lr=ctx.lr_at(step), targets=targets, **measured)
 
 
 def resolve_weights(ctx: StepContext, out: MixerOutput, loss: Tensor) -> Tensor:
@@ -107,9 +120,15 @@ class ReweightStep(StepRunner):
     """Forward all micro-batches, let the mixer weigh the step, then backpropagate the weighted losses."""
 
     def run(self, step: int, micro_batches: list[Batch]) -> StepResult:
-        losses = [self.forward_loss(batch) for batch in micro_batches]
+        measured = {}
+        if Signal.TOKEN_LOSS in self.ctx.mixer.requires:
+            token_losses = [self.forward_token_loss(batch) for batch in micro_batches]
+            losses = [t.mean(dim=1) for t in token_losses]
+            measured["token_loss"] = torch.cat([t.detach() for t in token_losses])
+        else:
+            losses = [self.forward_loss(batch) for batch in micro_batches]
         loss = torch.cat([l.detach() for l in losses])
-        out = self.ctx.mixer.weigh(step_signals(self.ctx, step, micro_batches, loss))
+        out = self.ctx.mixer.weigh(step_signals(self.ctx, step, micro_batches, loss, **measured))
         if out.skip_step:
             return StepResult(loss, skipped=True, metrics=out.metrics)
         weights = resolve_weights(self.ctx, out, loss).split([len(l) for l in losses])

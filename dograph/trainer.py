@@ -49,6 +49,7 @@ class TrainResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
     weight_summary: WeightSummary = field(default_factory=WeightSummary)
+    outputs: dict[str, Any] = field(default_factory=dict)  # the mixer's outputs (pipeline stages)
 
 
 def micro_batch_plan(cfg: TrainerConfig, world: int) -> tuple[int, int]:
@@ -71,8 +72,9 @@ class Trainer:
         self.micro_batch, self.accumulation = micro_batch_plan(cfg, dist.world_size)
         self.optimizer = build_optimizer(model, cfg)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
-        self.runner = build_step_runner(StepContext(model, mixer, dist, cfg.batch_size, self.autocast),
-                                        cfg.weighted_update)
+        context = StepContext(model, mixer, dist, cfg.batch_size, self.autocast,
+                              lr_at=lambda step: learning_rate(step, cfg), num_domains=len(data.corpus.domains))
+        self.runner = build_step_runner(context, cfg.weighted_update)
         self.state = TrainState()
         self.accumulator = MetricAccumulator()
         self.num_domains = len(data.corpus.domains)
@@ -140,11 +142,15 @@ class Trainer:
                                                                             self.cfg.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if (mixture := self.mixer.sampling_mixture()) is not None:
-            self.data.sampler.set_mixture(mixture)
+        self.update_mixture()
         self.accumulator.add(metrics)
         self.state.step += 1
         self.state.tokens_seen += self.cfg.batch_size * self.cfg.seq_len
+
+    def update_mixture(self) -> None:
+        """Hand the mixer's sampling mixture (if it has one) to the sampler."""
+        if (mixture := self.mixer.sampling_mixture()) is not None:
+            self.data.sampler.set_mixture(mixture)
 
     def run_eval(self) -> dict[str, Any]:
         results = evaluate(self.model, self.data.validation, self.data.corpus.domains,
@@ -174,6 +180,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
+        self.update_mixture()  # a static mixture applies from the first step
         while self.state.step < cfg.max_steps:
             self.train_step()
             bar.update(1)
