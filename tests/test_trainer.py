@@ -112,7 +112,7 @@ def test_reweighting_step_equals_autograd_of_the_weighted_loss() -> None:
 def test_trainer_applies_the_mixers_sampling_mixture(make_config, tmp_path: Path, monkeypatch) -> None:
     import dograph.app
 
-    monkeypatch.setattr(dograph.app, "build_mixer", lambda cfg, data, dist: ShiftingMixer([1.0, 1.0, 1.0]))
+    monkeypatch.setattr(dograph.app, "build_mixer", lambda *args: ShiftingMixer([1.0, 1.0, 1.0]))
     run_training(make_config("trainer.max_steps=3"), tmp_path)
     state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
     assert torch.equal(state["ranks"][0]["data"]["mixture"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
