@@ -99,8 +99,9 @@ class DomainWeightHistory:
         self.steps.append(int(step))
         self.rows.append(values + [float(extra[name]) for name in self.extra])
 
-    def metrics(self, weights: Any) -> dict[str, float]:
-        return {f"mixer/weights/{d}": float(w) for d, w in zip(self.domains, weights, strict=True)}
+    def metrics(self, weights: Any) -> dict[str, Any]:
+        """``mixer/weights/<domain>``; device tensors stay on the device (read at log time, no sync)."""
+        return {f"mixer/weights/{d}": w for d, w in zip(self.domains, weights, strict=True)}
 
     def mean(self) -> list[float]:
         """The time average of the recorded weights (0 rows: an empty list)."""
