@@ -1,0 +1,243 @@
+"""Pipeline stages (cached by config hash, resumed, locked) and static mixtures (mixer=fixed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import compose_config
+from helpers import build_local_corpus
+
+from baselines.fixed import PUBLISHED_MIXTURES, SLIMPAJAMA, StageMixtureMixer, resolve_mixture
+from dograph.app import run_training
+from dograph.config import to_run_config
+from dograph.distributed import DistContext
+from dograph.errors import ConfigError, DataError
+from dograph.metrics import read_metrics
+from dograph.mixing import Mixer, MixerOutput, StepSignals
+from dograph.pipeline import StageIncomplete, StageSpec, read_marker, stage_config, stage_key, stage_lock
+
+# ---- a two-stage method for the tests: uniform "first", then "second" turns first's steps into a mixture
+
+
+class StepsToMixture(Mixer):
+    """A stage mixer that reads an earlier stage's result and outputs a mixture."""
+
+    reweights = False
+
+    def __init__(self, *, favourite: int, stage_results: dict, domains: list[str], **_: Any) -> None:
+        self.first = stage_results["first"]
+        self.domains, self.favourite = domains, favourite
+
+    def weigh(self, signals: StepSignals) -> MixerOutput:
+        return MixerOutput()
+
+    def outputs(self) -> dict[str, Any]:
+        raw = [1.0 + (10.0 if i == self.favourite else 0.0) for i in range(len(self.domains))]
+        return {"mixture": {d: w / sum(raw) for d, w in zip(self.domains, raw, strict=True)},
+                "first_steps": self.first.steps}
+
+
+class TwoStageMethod(StageMixtureMixer):
+    @classmethod
+    def plan_stages(cls, node: dict[str, Any]) -> list[StageSpec]:
+        return [StageSpec("first", {"_target_": "baselines.uniform.UniformMixer"}, dict(node["first"])),
+                StageSpec("second", {"_target_": "test_pipeline.StepsToMixture", "favourite": node["favourite"]},
+                          dict(node["second"]), needs=("first",))]
+
+
+def method_node(**changes: Any) -> dict[str, Any]:
+    node = {"_target_": "test_pipeline.TwoStageMethod", "mixture_from": "second", "favourite": 2,
+            "first": {"model": "gpt2_tiny", "trainer": "debug", "max_steps": 4, "seed": 5},
+            "second": {"model": "gpt2_tiny", "trainer": "debug", "max_steps": 3, "seed": 5}}
+    for path, value in changes.items():
+        parts = path.split("__")
+        target = node
+        for part in parts[:-1]:
+            target = target[part]
+        target[parts[-1]] = value
+    return node
+
+
+@pytest.fixture
+def staged(make_config, tmp_path: Path):
+    """A RunConfig factory for the two-stage method, with every output under tmp_path."""
+
+    def make(*extra: str, **node_changes: Any):
+        cfg = make_config(f"paths.output_root={tmp_path / 'out'}", "trainer.max_steps=2", *extra)
+        return dataclasses.replace(cfg, mixer=method_node(**node_changes))
+
+    return make
+
+
+def stage_dirs(root: Path) -> dict[str, Path]:
+    return {p.name.split("-")[0]: p for p in (root / "out" / "stages" / "test_pipeline").iterdir() if p.is_dir()}
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def test_stages_run_in_order_and_feed_the_main_run(staged, tmp_path: Path) -> None:
+    result = run_training(staged(), tmp_path / "main")
+    dirs = stage_dirs(tmp_path)
+    assert set(dirs) == {"first", "second"}
+    first, second = read_marker(dirs["first"]), read_marker(dirs["second"])
+    assert first["steps"] == 4 and second["steps"] == 3 and second["outputs"]["first_steps"] == 4
+    assert second["needs"] == {"first": first["key"]} and first["wall_time_s"] > 0 and "cpu" in first["device"]
+    assert (dirs["first"] / "hf" / "config.json").exists()  # stages export their model for later stages
+    mixture = torch.load(tmp_path / "main" / "checkpoints" / "step_00000002.pt", weights_only=False)
+    expected = list(second["outputs"]["mixture"].values())
+    assert mixture["ranks"][0]["data"]["mixture"].tolist() == pytest.approx(expected)
+    summary = json.loads((tmp_path / "main" / "stages.json").read_text())
+    assert [s["stage"] for s in summary] == ["first", "second"] and not any(s["reused"] for s in summary)
+    assert result.state.step == 2
+
+
+def test_complete_stages_are_reused_by_another_main_seed(staged, tmp_path: Path) -> None:
+    run_training(staged(), tmp_path / "main0")
+    markers = {name: (d / "stage.json").read_text() for name, d in stage_dirs(tmp_path).items()}
+    started = time.perf_counter()
+    run_training(staged("seed=1"), tmp_path / "main1")
+    elapsed = time.perf_counter() - started
+    assert {name: (d / "stage.json").read_text() for name, d in stage_dirs(tmp_path).items()} == markers
+    summary = json.loads((tmp_path / "main1" / "stages.json").read_text())
+    assert all(s["reused"] for s in summary), summary
+    assert elapsed < 120
+
+
+def test_stage_key_covers_what_determines_the_stage(staged) -> None:
+    base = staged()
+    spec = TwoStageMethod.plan_stages(base.mixer)[0]
+
+    def key(cfg, s=spec) -> str:
+        return stage_key("m", s, stage_config(cfg, "m", s), {})
+
+    reference = key(base)
+    assert key(staged("seed=7")) == reference  # the main run's seed is not the stage's
+    assert key(staged("trainer.log_every=3")) == reference
+    changed = [dataclasses.replace(spec, settings={**spec.settings, "seed": 6}),
+               dataclasses.replace(spec, settings={**spec.settings, "max_steps": 5}),
+               dataclasses.replace(spec, settings={**spec.settings, "lr": 1e-4}),
+               dataclasses.replace(spec, settings={**spec.settings, "model": "llama_tiny"}),
+               dataclasses.replace(spec, mixer={**spec.mixer, "constant": 1})]
+    assert len({reference, *(key(base, s) for s in changed)}) == 1 + len(changed)
+    cosmetic = dataclasses.replace(spec, settings={**spec.settings, "log_every": 1, "stop_after_steps": 2})
+    assert key(base, cosmetic) == reference
+
+
+def test_interrupted_stage_resumes_and_matches_an_uninterrupted_one(staged, tmp_path: Path) -> None:
+    straight = run_training(staged(), tmp_path / "straight")
+    straight_dirs = stage_dirs(tmp_path)
+    expected = train_losses(straight_dirs["first"])
+    other = tmp_path / "other"
+    cfg = staged(first__stop_after_steps=2)
+    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, output_root=str(other / "out")))
+    with pytest.raises(StageIncomplete, match=r"stage test_pipeline/first stopped at step 2 of 4"):
+        run_training(cfg, other / "main")
+    cfg = dataclasses.replace(cfg, mixer=method_node())
+    resumed = run_training(cfg, other / "main")
+    dirs = stage_dirs(other)
+    assert train_losses(dirs["first"]) == expected  # bit-identical, resumed from step 2
+    assert dirs["first"].name == straight_dirs["first"].name  # stop_after_steps is not part of the key
+    assert resumed.state.step == straight.state.step
+
+
+def _hold_lock(run_dir: str, held: Any, seconds: float) -> None:
+    with stage_lock(Path(run_dir), DistContext()):
+        held.set()
+        time.sleep(seconds)
+
+
+def test_stage_lock_makes_a_second_job_wait(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    held = context.Event()
+    other = context.Process(target=_hold_lock, args=(str(tmp_path / "stage-abc"), held, 1.5))
+    other.start()
+    assert held.wait(60)
+    started = time.perf_counter()
+    with stage_lock(tmp_path / "stage-abc", DistContext()):
+        waited = time.perf_counter() - started
+    other.join(30)
+    assert waited > 0.5, waited
+
+
+def test_bad_stage_settings_and_records_are_one_line_errors(staged, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mixer\.second\.max_steps must be a positive integer \(got 0\)"):
+        run_training(staged(second__max_steps=0), tmp_path / "main")
+    with pytest.raises(ConfigError, match=r"mixer\.first: unknown key\(s\) colour"):
+        run_training(staged(first__colour="red"), tmp_path / "main")
+    with pytest.raises(ConfigError, match=r"unknown model 'gpt9'"):
+        run_training(staged(first__model="gpt9"), tmp_path / "main")
+    run_training(staged(), tmp_path / "ok")
+    marker = stage_dirs(tmp_path)["first"] / "stage.json"
+    marker.write_text("{not json")
+    with pytest.raises(DataError, match=r"stage record .*stage\.json is unreadable .*delete"):
+        run_training(staged(), tmp_path / "again")
+
+
+# ---- mixer=fixed ----------------------------------------------------------------------------------------
+
+
+def test_resolve_mixture_from_numbers_names_and_mappings() -> None:
+    assert resolve_mixture([1, 3], ["a", "b"]) == [0.25, 0.75]
+    assert resolve_mixture({"b": 1.0, "a": 1.0}, ["a", "b"]) == [0.5, 0.5]
+    doge = resolve_mixture("doge_slimpajama", list(SLIMPAJAMA))
+    assert doge == pytest.approx([0.088, 0.045, 0.269, 0.214, 0.070, 0.166, 0.148], abs=1e-3)
+    assert all(name in PUBLISHED_MIXTURES for name in ("doremi_slimpajama", "doge_slimpajama", "doremi_pile"))
+    subset = resolve_mixture("doremi_pile", ["Pile-CC", "ArXiv"], renormalise_subset=True)
+    assert subset == pytest.approx([0.6057 / 0.6093, 0.0036 / 0.6093])
+
+
+@pytest.mark.parametrize(("mixture", "message"), [
+    ("doge_slimpajama", r"its domains \(RedPajamaArXiv, .*\) do not match the dataset's \(code, docs, licences\)"),
+    ("no_such", r"'no_such' is not a published mixture: choose one of doge_slimpajama, doremi_pile"),
+    ([0.5, 0.5], r"has 2 entries; the dataset has 3 domains \(code, docs, licences\)"),
+    ([0.5, -0.1, 0.6], r"must be finite and non-negative"),
+    ([0, 0, 0], r"must have a positive sum"),
+])
+def test_bad_mixtures_are_one_line_errors(mixture: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_mixture(mixture, ["code", "docs", "licences"])
+
+
+def test_fixed_mixture_applies_from_the_first_step(make_config, tmp_path: Path) -> None:
+    run_training(make_config("mixer=fixed", "mixer.mixture=[0,1,0]", "trainer.max_steps=3"), tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert state["ranks"][0]["data"]["mixture"].tolist() == [0.0, 1.0, 0.0]
+    packers = state["ranks"][0]["data"]["packers"]
+    assert packers[0]["next_doc"] == packers[2]["next_doc"] == 0 < packers[1]["next_doc"]  # never sampled
+    assert (tmp_path / "mixer" / "weights.csv").read_text().splitlines()[1] == "0,0.0,1.0,0.0"
+
+
+def slimpajama_directory(root: Path) -> Path:
+    """A local directory in the SlimPajama hub schema (7 sources named in meta.redpajama_set_name)."""
+    corpus = build_local_corpus(root / "src", bytes_per_domain=60_000, doc_chars=600)
+    texts = [json.loads(line)["text"] for f in sorted(corpus.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    data = root / "slimpajama"
+    data.mkdir()
+    for split, share in (("train", slice(0, None)), ("validation", slice(0, None, 4))):
+        rows = [{"text": t, "meta": {"redpajama_set_name": SLIMPAJAMA[i % 7]}} for i, t in enumerate(texts)][share]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_published_mixture_runs_on_slimpajama_and_is_refused_elsewhere(cache_dir: Path, tmp_path: Path,
+                                                                        make_config) -> None:
+    data = slimpajama_directory(tmp_path)
+    cfg = to_run_config(compose_config([
+        "model=gpt2_tiny", "dataset=slimpajama_6b", f"dataset.path={data}", "dataset.val_sequences_per_domain=2",
+        "trainer=debug", "trainer.max_steps=2", "logger=disabled", f"paths.cache_dir={cache_dir}",
+        "trainer.device=cpu", "mixer=fixed", "mixer.mixture=doge_slimpajama"]))
+    run_training(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt", weights_only=False)
+    expected = resolve_mixture("doge_slimpajama", list(SLIMPAJAMA))
+    assert state["ranks"][0]["data"]["mixture"].tolist() == pytest.approx(expected)
+    with pytest.raises(ConfigError, match=r"do not match the dataset's \(code, docs, licences\)"):
+        run_training(make_config("mixer=fixed", "mixer.mixture=doge_slimpajama"), tmp_path / "refused")
