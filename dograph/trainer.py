@@ -164,6 +164,10 @@ class Trainer:
         losses, weight_stats = self.accumulator.pop("train/loss"), self.accumulator.pop(WEIGHT_STATS)
         values = self.accumulator.flush()
         values.update(global_window(self.dist, losses, weight_stats, self.cfg.batch_size, self.weight_summary))
+        mixture = getattr(self.data.sampler, "mixture", None)  # the sampling mixture in effect (host)
+        if mixture is not None:
+            values.update({f"data/mixture/{d}": p for d, p in zip(self.data.corpus.domains, mixture.tolist(),
+                                                                   strict=True)})
         wall = time.perf_counter() - started
         values.update({"lr": learning_rate(self.state.step - 1, self.cfg), "tokens_seen": self.state.tokens_seen,
                        "tokens_per_s": (self.state.tokens_seen - tokens_at_start) / max(wall, 1e-9),
