@@ -17,6 +17,13 @@ for Linear/Conv1D weights (the matmul autograd skipped: no second backward), and
 small modules (norms, embeddings) a local re-forward whose vjp takes ``v``-scaled
 output-grads. The two-pass reference keeps nothing and backpropagates ``sum_i v_i l_i``
 again instead.
+
+:meth:`GradientCapture.weighted_gram` uses the same kept tensors for the Gram matrix of
+``D`` weighted gradients ``G_d = sum_i W[d, i] g_i`` (DoGE's per-domain gradients): one
+parameter at a time it forms the ``[D, *shape]`` stack of that parameter's ``G_d``, adds its
+``D x D`` inner products and drops it, so the extra memory is ``D`` x the largest parameter,
+never ``D`` x all parameters. Without a projection (``projection=None``) the hooks keep
+inputs and output-grads only (no projected blocks).
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
+from dograph.distributed import DistContext, all_reduce_sum
 from dograph.errors import ConfigError
 from dograph.projection import BoundProjection, LayerProjection, is_linear
 from dograph.timing import StepTimer
+
+GRAM_CHUNK = 1 << 20  # weighted_gram: columns per all-reduce bucket
+GRAM_BLOCK = 4096  # columns per float32 partial inner product (summed in float64: error ~1e-8 relative)
 
 
 @dataclass
@@ -43,6 +54,35 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     output_grad: Tensor | None = None
+
+
+@dataclass
+class _Support:
+    """Which samples each of the D weighted gradients of one micro-batch reads.
+
+    ``rows[d]``: the samples with ``W[d, i] != 0``; ``index``: all of them, domain after domain
+    (``bounds[d]:bounds[d + 1]`` are domain d's), so a layer gathers its rows once for all D;
+    ``scale``: ``W[d, i]`` of those rows; ``contiguous``: ``index`` is ``0 .. b - 1`` (samples in
+    domain order, each in one support), so no gather at all.
+    """
+
+    rows: list[Tensor]
+    index: Tensor
+    scale: Tensor
+    bounds: list[int]
+    contiguous: bool
+
+    @classmethod
+    def of(cls, w: Tensor, mask: Tensor) -> _Support:
+        rows = [mask[d].nonzero().squeeze(1) for d in range(w.shape[0])]
+        bounds = [0]
+        for r in rows:
+            bounds.append(bounds[-1] + len(r))
+        domain = torch.cat([torch.full((len(r),), d, dtype=torch.long) for d, r in enumerate(rows)])
+        contiguous = torch.equal(torch.cat(rows), torch.arange(w.shape[1]))
+        rows = [r.to(w.device) for r in rows]
+        index = torch.cat(rows)
+        return cls(rows, index, w[domain.to(w.device), index].float(), bounds, contiguous)
 
 
 @dataclass
@@ -56,10 +96,10 @@ class _Hooked:
 class GradientCapture:
     """Owns the hooks of one model; inactive (a cheap flag check) outside :meth:`capturing`."""
 
-    def __init__(self, model: nn.Module, projection: BoundProjection, *, keep_for_update: bool) -> None:
+    def __init__(self, model: nn.Module, projection: BoundProjection | None, *, keep_for_update: bool) -> None:
         self.model, self.projection, self.keep_for_update = model, projection, keep_for_update
         self.device = next(model.parameters()).device
-        by_module = {id(layer.module): layer for layer in projection.layers}
+        by_module = {id(layer.module): layer for layer in projection.layers} if projection is not None else {}
         self.hooked = [_Hooked(name, module, by_module.get(id(module)))
                        for name, module in model.named_modules() if any(True for _ in module.parameters(False))]
         self._check_supported()
@@ -105,15 +145,20 @@ class GradientCapture:
         self.batch_size = batch_size
         for h in self.hooked:
             h.calls = []
+        if self.projection is None:
+            self.blocks = None
+            return
         self.blocks = torch.zeros(batch_size, self.projection.blocks_dim, device=self.device,
                                   dtype=self.projection.layers[0].left.dtype)
 
-    def end_micro_batch(self) -> Tensor:
-        """[b, k] projected gradients of the micro-batch just backpropagated."""
+    def end_micro_batch(self) -> Tensor | None:
+        """[b, k] projected gradients of the micro-batch just backpropagated (None without a projection)."""
         if self.keep_for_update:
             self.micro.append([h.calls for h in self.hooked])
         for h in self.hooked:
             h.calls = []
+        if self.projection is None:
+            return None
         with self.timer.measure():
             projected = self.projection.finish(self.blocks)
         self.blocks = None
@@ -182,6 +227,92 @@ class GradientCapture:
         raise ConfigError(f"the one-backward weighted update formed no gradient for {shown}{cause}: "
                           "use trainer.weighted_update=two_pass, or freeze those parameters")
 
+    # ---- the Gram of weighted gradients (DoGE) --------------------------------------------------
+    def weighted_gram(self, weights: list[Tensor], dist: DistContext | None = None) -> Tensor:
+        """``[D, D]`` float64 Gram ``<G_d, G_e>`` of ``G_d = sum_i W[d, i] g_i`` over the trainable parameters.
+
+        ``weights[j]``: micro-batch j's ``[D, b_j]`` weight matrix. Computed from what the capturing
+        backward kept (no second backward; the kept tensors stay for :meth:`apply_weights`). Per
+        parameter (a tied parameter gathers every module that uses it) the ``[D, *shape]`` stack of
+        its ``G_d`` is formed: Linear/Conv1D weights ``Delta_S^T diag(W[d, S]) A_S`` over the rows S of
+        the samples with ``W[d, i] != 0`` (for disjoint supports, as per-domain means, the D products
+        cost one weight-gradient matmul in all), biases ``W Delta``; small modules (norms, embeddings)
+        one local re-forward and D vjps. Finished stacks go to buckets of about
+        ``GRAM_CHUNK`` columns; under DDP each bucket is summed over ranks before its inner products
+        (``dist``): the Gram of the *global* weighted gradients, for the communication of ``D``
+        gradient all-reduces per step. One host copy (the support of ``W``); on the CPU about one
+        weight-gradient pass of the model (``apply_weights`` is another).
+        """
+        if self.active:
+            raise RuntimeError("weighted_gram needs the parameters' requires_grad flags: call it after capturing()")
+        if len(weights) != len(self.micro):
+            raise RuntimeError(f"{len(weights)} weight matrices for {len(self.micro)} captured micro-batches")
+        dist = dist or DistContext()
+        num = weights[0].shape[0]
+        support_mask = torch.cat(weights, dim=1).ne(0).cpu()  # the one host synchronisation
+        supports, start = [], 0
+        for w in weights:
+            supports.append(_Support.of(w, support_mask[:, start:start + w.shape[1]]))
+            start += w.shape[1]
+        params = [p for p in self.model.parameters() if p.requires_grad]  # unique, in the model's order
+        owners: dict[int, list[int]] = {id(p): [] for p in params}
+        for index, hooked in enumerate(self.hooked):
+            for p in hooked.module.parameters(False):
+                if id(p) in owners:
+                    owners[id(p)].append(index)
+        order: list[int] = []  # modules sharing a parameter (tied embeddings) one after the other
+        for p in params:
+            order.extend(i for i in owners[id(p)] if i not in order)
+        remaining = {key: len(value) for key, value in owners.items()}
+        pending: dict[int, Tensor] = {}
+        gram = torch.zeros(num, num, dtype=torch.float64, device=self.device)
+        bucket: list[Tensor] = []  # finished [D, n] stacks, reduced and multiplied together (fewer, larger ops)
+
+        def flush() -> None:
+            nonlocal gram
+            if not bucket:
+                return
+            flat = all_reduce_sum(dist, bucket[0] if len(bucket) == 1 else torch.cat(bucket, dim=1))
+            bucket.clear()
+            gram += _gram_of(flat)
+
+        for index in order:
+            hooked = self.hooked[index]
+            for key, stack in self._domain_grads(index, hooked, weights, supports).items():
+                pending[key] = stack if key not in pending else pending[key].add_(stack)
+            for p in hooked.module.parameters(False):
+                if id(p) not in remaining:
+                    continue
+                remaining[id(p)] -= 1
+                if remaining[id(p)] == 0:  # every contribution is in: to the bucket (every rank, same order)
+                    stack = pending.pop(id(p), None)
+                    if stack is None:  # no contribution on this rank
+                        stack = torch.zeros(num, p.numel(), dtype=torch.float32, device=self.device)
+                    bucket.append(stack.reshape(num, -1))
+                    if sum(b.shape[1] for b in bucket) >= GRAM_CHUNK:
+                        flush()
+        flush()
+        return gram
+
+    def _domain_grads(self, index: int, hooked: _Hooked, weights: list[Tensor], supports: list[_Support]
+                      ) -> dict[int, Tensor]:
+        """Float32 ``[D, *shape]`` stacks of this module's trainable parameters (by ``id``), summed over calls."""
+        out: dict[int, Tensor] = {}
+
+        def add(pairs: list[tuple[nn.Parameter, Tensor]]) -> None:
+            for p, value in pairs:
+                out[id(p)] = value if id(p) not in out else out[id(p)] + value
+
+        for micro_calls, w, support in zip(self.micro, weights, supports, strict=True):
+            for call in micro_calls[index]:
+                if call.output_grad is None:  # the module's output did not reach the loss
+                    continue
+                if is_linear(hooked.module):
+                    add(_linear_domain_grads(hooked.module, call.args[0], call.output_grad, w, support))
+                else:
+                    add(_module_domain_grads(hooked.module, call, w, support))
+        return out
+
 
 def _accumulate(param: nn.Parameter, value: Tensor) -> None:
     value = value.to(param.dtype)
@@ -227,3 +358,90 @@ def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor) -> None:
     for p, g in zip(params, grads, strict=True):
         if g is not None:
             _accumulate(p, g)
+
+
+def _gram_of(flat: Tensor) -> Tensor:
+    """``flat @ flat.T`` in float64 for a float32 ``[D, n]``: float32 products of 4096-column blocks, summed in float64.
+
+    (A float32 product over a million columns is off by ~1e-4 relative; float64 throughout costs a
+    float64 copy and is ~15x slower on CPU.)
+    """
+    num, n = flat.shape
+    whole = n - n % GRAM_BLOCK
+    out = torch.zeros(num, num, dtype=torch.float64, device=flat.device)
+    if whole:
+        blocks = flat[:, :whole].reshape(num, -1, GRAM_BLOCK).transpose(0, 1)  # [n / block, D, block]
+        out += torch.bmm(blocks, blocks.transpose(1, 2)).double().sum(0)
+    if whole < n:
+        rest = flat[:, whole:].double()
+        out += rest @ rest.T
+    return out
+
+
+def _linear_domain_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, w: Tensor,
+                         support: _Support) -> list[tuple[nn.Parameter, Tensor]]:
+    """``[D, ...]`` weight (and bias) gradients ``Delta^T diag(W[d]) A`` of a Linear/Conv1D, float32.
+
+    The rows of every domain's samples are gathered once (``support.index``) and ``W`` scales the
+    narrower side, as in :func:`_linear_grads`; domain d's product reads its contiguous slice, so for
+    disjoint supports (per-domain means) the D products cost one weight-gradient matmul in all.
+    """
+    b, num = w.shape[1], w.shape[0]
+    d = output_grad.reshape(b, -1, output_grad.shape[-1]).float()  # [b, T, d_out]
+    a = inputs.reshape(b, -1, inputs.shape[-1]).float()  # [b, T, d_in]
+    out: list[tuple[nn.Parameter, Tensor]] = []
+    if module.weight.requires_grad:
+        a_s, d_s = (a, d) if support.contiguous else (a.index_select(0, support.index),
+                                                       d.index_select(0, support.index))
+        scale = support.scale.view(-1, 1, 1)
+        if a.shape[-1] <= d.shape[-1]:
+            a_s = a_s * scale
+        else:
+            d_s = d_s * scale
+        a_s, d_s = a_s.reshape(-1, a.shape[-1]), d_s.reshape(-1, d.shape[-1])
+        per_sample = a.shape[1]  # rows of one sample
+        stack = torch.empty(num, *module.weight.shape, dtype=torch.float32, device=d.device)
+        for k in range(num):
+            lo, hi = support.bounds[k] * per_sample, support.bounds[k + 1] * per_sample
+            if lo == hi:
+                stack[k].zero_()
+            elif isinstance(module, Conv1D):
+                torch.mm(a_s[lo:hi].t(), d_s[lo:hi], out=stack[k])
+            else:
+                torch.mm(d_s[lo:hi].t(), a_s[lo:hi], out=stack[k])
+        out.append((module.weight, stack))
+    if module.bias is not None and module.bias.requires_grad:
+        out.append((module.bias, w.float() @ d.sum(1)))  # [D, b] @ [b, d_out]
+    return out
+
+
+def _module_domain_grads(module: nn.Module, call: _Call, w: Tensor, support: _Support
+                         ) -> list[tuple[nn.Parameter, Tensor]]:
+    """``[D, ...]`` gradients of a small module's trainable parameters: one local re-forward, one vjp per domain.
+
+    Domain d's vjp takes the ``W[d]``-scaled output-grads (zero outside its samples). Norms and
+    embeddings are light, so D full-batch vjps cost little and keep the operations few.
+    """
+    params = [p for p in module.parameters(False) if p.requires_grad]  # outside capturing(): the trainable ones
+    if not params:
+        return []
+    num, grad = w.shape[0], call.output_grad
+    stacks = [torch.empty(num, *p.shape, dtype=torch.float32, device=p.device) for p in params]
+    with torch.enable_grad():
+        output = module(*call.args, **call.kwargs)
+        for k in range(num):
+            if support.rows[k].numel() == 0:
+                for stack in stacks:
+                    stack[k].zero_()
+                continue
+            scaled = grad * w[k].to(grad.dtype).view(-1, *([1] * (grad.ndim - 1)))
+            if output.shape != scaled.shape:  # an output the forward hook expanded over the batch
+                scaled = scaled.sum(0, keepdim=True)
+            grads = torch.autograd.grad(output, params, grad_outputs=scaled.to(output.dtype), retain_graph=True,
+                                        allow_unused=True)
+            for stack, g in zip(stacks, grads, strict=True):
+                if g is None:
+                    stack[k].zero_()
+                else:
+                    stack[k] = g
+    return list(zip(params, stacks, strict=True))

@@ -233,6 +233,8 @@ def run_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str, S
 def run_stages(main: RunConfig, method: str, specs: list[StageSpec], dist: DistContext,
                train: TrainFn) -> dict[str, StageResult]:
     """Every stage in order; a stage may read only earlier ones."""
+    for spec in specs:  # refuse bad settings of any stage before the first is trained
+        stage_config(main, method, spec)
     results: dict[str, StageResult] = {}
     for spec in specs:
         missing = [name for name in spec.needs if name not in results]

@@ -40,7 +40,7 @@ def print_weight_summary(result: TrainResult, corpus: Corpus) -> None:
         return
     sampled, effective = summary.mean_mixtures()
     print(f"\nSample weights over {summary.steps} reweighted steps: effective sample size "
-          f"1 / (B sum v_i^2) mean {summary.mean_ess:.3f}, min {summary.ess_min:.3f} (1 = every sample "
+          f"(sum v_i)^2 / (B sum v_i^2) mean {summary.mean_ess:.3f}, min {summary.ess_min:.3f} (1 = every sample "
           "counts equally)")
     rows = [[d, share, s, e, e - s] for d, share, s, e in
             zip(corpus.domains, corpus.natural_mixture, sampled, effective, strict=True)]

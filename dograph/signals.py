@@ -8,6 +8,9 @@ The trainer picks one runner from the mixer's declared needs (never its name):
 * :class:`ReweightStep`: the mixer reweights from cheap signals (losses, domains). All
   micro-batches are forwarded first (their graphs kept), the mixer weighs the whole step,
   then each weighted loss is backpropagated. Gradients are summed over ranks explicitly.
+* :class:`dograph.projected_step.ProjectedStep`: the mixer reads gradient signals, projected
+  per-sample gradients (``GRAD_PROJ``) or the Gram of the per-domain gradients
+  (``DOMAIN_GRAM``); one capturing backward, then the weighted update from what it kept.
 
 Sample weights ``v`` sum to 1 over the global batch, so the step's gradient is
 ``sum_i v_i grad(l_i)`` summed over micro-batches and ranks.
@@ -140,7 +143,7 @@ class ReweightStep(StepRunner):
 
 def build_step_runner(ctx: StepContext, weighted_update: str = "fast") -> StepRunner:
     """The cheapest runner that gives the mixer what it declared it needs."""
-    if Signal.GRAD_PROJ in ctx.mixer.requires:
+    if Signal.GRAD_PROJ in ctx.mixer.requires or Signal.DOMAIN_GRAM in ctx.mixer.requires:
         from dograph.projected_step import ProjectedStep
 
         return ProjectedStep(ctx, two_pass=weighted_update == "two_pass")

@@ -2,11 +2,13 @@
 
 For a step whose global batch of B samples is weighted by ``v`` (``sum_i v_i = 1``):
 
-* the effective sample size ``ESS = 1 / (B * sum_i v_i^2)`` (Kish's, as a fraction of B):
-  1 when every sample weighs 1/B, 1/B when one sample carries everything; the gradient
-  noise of the weighted mean is that of a plain mean over ``ESS * B`` samples;
-* the effective mixture over human domains, ``sum_{i: h_i = d} v_i``, next to the sampled
-  one, ``#{i: h_i = d} / B``: how far the reweighting moved the human-domain mixture.
+* the effective sample size ``ESS = (sum_i v_i)^2 / (B * sum_i v_i^2)`` (Kish's, as a
+  fraction of B; ``1 / (B sum v_i^2)`` when the weights sum to 1): 1 when every sample
+  weighs the same, 1/B when one sample carries everything; the gradient noise of the
+  weighted mean is that of a plain mean over ``ESS * B`` samples;
+* the effective mixture over human domains, ``sum_{i: h_i = d} v_i / sum_i v_i``, next to
+  the sampled one, ``#{i: h_i = d} / B``: how far the reweighting moved the human-domain
+  mixture. (Weights may sum to less than 1 when a method clips per-domain gradients.)
 
 Each step contributes one small device tensor (no host synchronisation); a log interval
 sums them over ranks in one reduction (:func:`global_window`), and :class:`WeightSummary`
@@ -26,12 +28,12 @@ from dograph.distributed import DistContext, all_reduce_sum
 
 
 def step_weight_stats(weights: Tensor, domain: Tensor, num_domains: int) -> Tensor:
-    """[1 + 2D] of this rank's share of one step: ``sum v_i^2``, weight mass and sample count per domain."""
+    """[2 + 2D] of this rank's share of one step: ``sum v_i``, ``sum v_i^2``, weight mass and count per domain."""
     v = weights.detach().float()
     index = domain.to(v.device).long()
     mass = torch.zeros(num_domains, device=v.device).index_add_(0, index, v)
     count = torch.zeros(num_domains, device=v.device).index_add_(0, index, torch.ones_like(v))
-    return torch.cat([(v * v).sum().view(1), mass, count])
+    return torch.cat([v.sum().view(1), (v * v).sum().view(1), mass, count])
 
 
 @dataclass
@@ -92,9 +94,10 @@ def global_window(dist: DistContext, losses: list[Tensor], stats: list[Tensor], 
     out: dict[str, Any] = {"train/loss": float(flat[:len(losses)].mean() / dist.world_size)}
     if stats:
         table = flat[len(losses):].view(len(stats), -1)
-        d = (table.shape[1] - 1) // 2
-        ess = 1.0 / (global_batch * table[:, 0])
-        effective, sampled = table[:, 1:1 + d], table[:, 1 + d:] / global_batch
+        d = (table.shape[1] - 2) // 2
+        total = table[:, :1]
+        ess = total[:, 0] ** 2 / (global_batch * table[:, 1])
+        effective, sampled = table[:, 2:2 + d] / total, table[:, 2 + d:] / global_batch
         summary.add(ess, effective, sampled)
         out.update({"train/ess": float(ess.mean()), "train/ess_min": float(ess.min()),
                     "train/effective_mixture": effective.mean(0).tolist(),

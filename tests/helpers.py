@@ -91,3 +91,53 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---- data-parallel tests (torch.multiprocessing.spawn with gloo) -----------------------------------
+
+DDP_VOCAB = 97
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """Join a ``world``-process gloo group (nothing for one process); one thread per process."""
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def leave_gloo(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def ddp_model() -> torch.nn.Module:
+    """The 2-layer GPT-2 every data-parallel test trains (same initial weights in every process)."""
+    from dograph.config import ModelConfig
+    from dograph.models import build_model
+
+    return build_model(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, max_position_embeddings=32),
+                       DDP_VOCAB, seed=3)
+
+
+def rank_batches(step: int, rank: int, world: int, micro: int = 1, num_domains: int = 1) -> list:
+    """This rank's share of step ``step``'s fixed global batch of 8 (in ``micro`` micro-batches).
+
+    Domains are drawn from ``range(num_domains)``, so a test can leave a domain out of a step.
+    """
+    from dograph.data.sampler import Batch
+
+    g = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, DDP_VOCAB, (8, 13), generator=g)
+    domain = torch.randint(0, num_domains, (8,), generator=g)
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    return [Batch(part[:, :-1], part[:, 1:], dom)
+            for part, dom in zip(tokens[rows].chunk(micro), domain[rows].chunk(micro), strict=True)]
+
+
+def assert_same_gradients(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], step: int) -> None:
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), (step, name)

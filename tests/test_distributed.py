@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port
+from helpers import REPO, assert_same_gradients, ddp_model, free_port, join_gloo, leave_gloo, rank_batches
 
 from dograph.metrics import read_metrics
 
@@ -58,39 +58,28 @@ def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: st
     import functools
 
     import torch
-    import torch.distributed as dist
 
-    from dograph.config import ModelConfig
-    from dograph.data.sampler import Batch
     from dograph.distributed import DistContext
     from dograph.dograph_mixer import DoGraphMixer
-    from dograph.models import build_model
     from dograph.objectives import UncertaintyObjective
     from dograph.projection import KroneckerProjector
     from dograph.signals import StepContext, build_step_runner
 
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     ctx_dist = DistContext(rank=rank, world_size=world)
-    model = build_model(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, max_position_embeddings=32), 97, seed=3)
+    model = ddp_model()
     mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
                          projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8, dist=ctx_dist)
     ctx = StepContext(model, mixer, ctx_dist, 8, lambda: torch.autocast("cpu", enabled=False))
     runner = build_step_runner(ctx, "two_pass" if two_pass else "fast")
     records = []
     for step in range(4):
-        tokens = torch.randint(0, 97, (8, 13), generator=torch.Generator().manual_seed(step))
-        local = tokens[rank * 8 // world:(rank + 1) * 8 // world]
-        batches = [Batch(part[:, :-1], part[:, 1:], torch.zeros(len(part), dtype=torch.long))
-                   for part in local.chunk(micro)]
-        result = runner.run(step, batches)
+        result = runner.run(step, rank_batches(step, rank, world, micro))
         records.append({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "skipped": result.skipped})
         model.zero_grad(set_to_none=True)
     torch.save(records, f"{out_dir}/rank{rank}_world{world}_micro{micro}_{'two' if two_pass else 'fast'}.pt")
-    if world > 1:
-        dist.destroy_process_group()
+    leave_gloo(world)
 
 
 @pytest.mark.parametrize(("two_pass", "micro"), [(False, 1), (True, 1), (False, 2)],
@@ -107,26 +96,23 @@ def test_dograph_ddp_gradients_equal_single_process(tmp_path: Path, two_pass: bo
     ranks = [torch.load(tmp_path / f"rank{r}_world2_micro{micro}_{tag}.pt", weights_only=False) for r in (0, 1)]
     assert not any(record["skipped"] for record in single)
     for step in range(4):
-        for name, expected in single[step]["grads"].items():
-            for rank in ranks:
-                got = rank[step]["grads"][name]
-                assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7), (step, name)
+        for rank in ranks:
+            assert_same_gradients(single[step]["grads"], rank[step]["grads"], step)
 
 
 def _window_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch
-    import torch.distributed as dist
 
     from dograph.distributed import DistContext
     from dograph.weight_stats import WeightSummary, global_window, step_weight_stats
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     losses = [torch.tensor(1.0 + rank), torch.tensor(3.0 + 2 * rank)]  # this rank's mean sample loss per step
     v = torch.tensor([0.1, 0.2]) if rank == 0 else torch.tensor([0.3, 0.4])  # one step's weights, sum 1 globally
     stats = [step_weight_stats(v, torch.tensor([0, rank]), 2)]
     out = global_window(DistContext(rank=rank, world_size=world), losses, stats, 4, WeightSummary())
     torch.save(out, f"{out_dir}/window{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo(world)
 
 
 def test_logged_train_loss_and_weights_are_global(tmp_path: Path) -> None:

@@ -214,7 +214,7 @@ def test_fixed_mixture_applies_from_the_first_step(make_config, tmp_path: Path) 
     packers = state["ranks"][0]["data"]["packers"]
     assert packers[0]["next_doc"] == packers[2]["next_doc"] == 0 < packers[1]["next_doc"]  # never sampled
     assert (tmp_path / "mixer" / "weights.csv").read_text().splitlines()[1] == "0,0.0,1.0,0.0"
-    logged = [r for r in read_metrics(tmp_path) if r["kind"] == "train"][0]
+    logged = next(r for r in read_metrics(tmp_path) if r["kind"] == "train")
     assert [logged[f"data/mixture/{d}"] for d in ("code", "docs", "licences")] == [0.0, 1.0, 0.0]
 
 
