@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,13 +34,15 @@ def curves(run_dir: Path) -> tuple[list[float], float]:
     return train, [r for r in records if r["kind"] == "eval"][-1]["val/avg_loss"]
 
 
-@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "mixer.buffer_size=32", "m=3"]],
-                         ids=["uniform", "dograph"])
+@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "mixer.buffer_size=32", "m=3"],
+                                   ["mixer=loss_based", "mixer.burn_in=4"],
+                                   ["mixer=doge", "mixer.proxy.max_steps=6", "mixer.proxy.trainer=debug"]],
+                         ids=["uniform", "dograph", "loss_based", "doge_stages"])
 def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
     overrides = [*tiny_overrides, *mixer, "trainer.max_steps=24", "trainer.batch_size=8", "trainer.lr=2e-3",
                  "trainer.log_every=1"]
-    launch(1, tmp_path / "single", overrides)
-    launch(2, tmp_path / "ddp", overrides)
+    launch(1, tmp_path / "single", [*overrides, f"paths.output_root={tmp_path / 'out1'}"])
+    launch(2, tmp_path / "ddp", [*overrides, f"paths.output_root={tmp_path / 'out2'}"])
     single, single_val = curves(tmp_path / "single")
     ddp, ddp_val = curves(tmp_path / "ddp")
     assert len(single) == len(ddp) == 24
@@ -51,6 +54,11 @@ def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path, m
     assert len([r for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train"]) == 24  # rank 0 only
     if "mixer=dograph" in mixer:  # past the warm-up: weights were computed and logged
         assert any(r.get("mixer/warmup") == 0.0 for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train")
+    if "mixer=loss_based" in mixer:  # reweighted steps were logged with their ESS
+        assert any("train/ess" in r for r in read_metrics(tmp_path / "ddp") if r["kind"] == "train")
+    if "mixer=doge" in mixer:  # the proxy stage ran under torchrun too, once per job
+        summaries = [json.loads((tmp_path / run / "stages.json").read_text()) for run in ("single", "ddp")]
+        assert [s[0]["device"] for s in summaries] == ["cpu x 1", "cpu x 2"] and not summaries[1][0]["reused"]
 
 
 def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str, micro: int = 1) -> None:
