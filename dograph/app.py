@@ -26,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 
 from dograph.config import RunConfig
-from dograph.data.builder import RunData, build_run_data
+from dograph.data.builder import RunData, build_run_data, load_corpus
 from dograph.data.tokenizer import tokenizer_vocab_size
 from dograph.distributed import DistContext, barrier, init_distributed, shutdown
 from dograph.errors import ConfigError, DographError
@@ -35,6 +35,7 @@ from dograph.mixing import Mixer
 from dograph.models import build_model, count_parameters, format_count
 from dograph.pipeline import StageResult, StageSpec, run_stages, write_stage_summary
 from dograph.reporting import print_run_summary
+from dograph.sweep import SweepResult, run_sweep
 from dograph.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def plan_stages(cfg: RunConfig) -> list[StageSpec]:
 
 
 def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext,
-                stage_results: dict[str, StageResult] | None = None) -> Mixer:
+                stage_results: dict[str, StageResult] | None = None, sweep: SweepResult | None = None) -> Mixer:
     """Instantiate ``cfg.mixer`` (a ``_target_`` dict) with the run's runtime objects.
 
     A staged method's mixer also receives the results of its stages (their config nodes,
@@ -94,6 +95,8 @@ def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext,
     if stage_results:
         node = {k: v for k, v in node.items() if k not in {spec.name for spec in plan_stages(cfg)}}
         extra["stage_results"] = stage_results
+    if sweep is not None:
+        extra["sweep"] = sweep
     try:
         # a partial first: runtime objects passed through instantiate would become DictConfigs
         make = instantiate(node, _partial_=True)
@@ -159,27 +162,43 @@ def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
         return None
     dist = init_distributed(cfg.trainer.device)
     try:
-        specs = plan_stages(cfg)
-        if not specs:
+        cls, method = mixer_class(cfg), method_name(cfg)
+        specs = cls.plan_stages(dict(cfg.mixer))
+        sweep = None
+        if cls.has_sweep:
+            corpus = load_corpus(cfg.dataset, cache_dir=Path(cfg.paths.cache_dir), dist=dist)
+            plan = cls.plan_sweep(dict(cfg.mixer), list(corpus.domains), list(corpus.natural_mixture))
+            sweep = run_sweep(cfg, method, plan, corpus.domains, dist, _train)
+        results = run_stages(cfg, method, specs, dist, _train) if specs else {}
+        if not results and sweep is None:
             return _train(cfg, run_dir, dist)
-        results = run_stages(cfg, method_name(cfg), specs, dist, _train)
-        result = _train(cfg, run_dir, dist, stage_results=results)
+        result = _train(cfg, run_dir, dist, stage_results=results or None, sweep=sweep)
         if dist.is_main:
-            write_stage_summary(run_dir, results)
-            print_stage_costs(results)
+            earlier = [*(r for r in results.values()), *(o.result for o in (sweep.successful if sweep else []))]
+            write_stage_summary(run_dir, earlier)
+            print_stage_costs(earlier, sweep)
         return result
     finally:
         shutdown(dist)
 
 
-def print_stage_costs(results: dict[str, StageResult]) -> None:
-    for r in results.values():
-        how = "reused" if r.reused else "trained"
-        print(f"stage {r.method}/{r.name}: {how}, {r.steps} steps, {r.wall_time_s:.0f} s on {r.device} ({r.run_dir})")
+def print_stage_costs(results: list[StageResult], sweep: SweepResult | None = None) -> None:
+    """What the earlier runs of a method cost (a sweep in one line)."""
+    proxies = {id(o.result) for o in sweep.successful} if sweep else set()
+    for r in results:
+        if id(r) not in proxies:
+            how = "reused" if r.reused else "trained"
+            print(f"stage {r.method}/{r.name}: {how}, {r.steps} steps, {r.wall_time_s:.0f} s on {r.device} "
+                  f"({r.run_dir})")
+    if sweep is not None:
+        trained = sum(not o.result.reused for o in sweep.successful)
+        print(f"sweep {sweep.method}/{sweep.name}: {len(sweep.successful)} of {len(sweep.outcomes)} proxies "
+              f"succeeded ({trained} trained now), {sweep.wall_time_s():.0f} s of training in all; table "
+              f"{sweep.table}")
 
 
 def _train(cfg: RunConfig, run_dir: Path, dist: DistContext,
-           stage_results: dict[str, StageResult] | None = None) -> TrainResult:
+           stage_results: dict[str, StageResult] | None = None, sweep: SweepResult | None = None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)
     barrier(dist)
@@ -190,7 +209,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext,
     model = build_model(cfg.model, len(tok), bos_id=tok.eos_token_id, eos_id=tok.eos_token_id, seed=cfg.seed)
     model.to(dist.device)
     n_params = count_parameters(model)
-    mixer = build_mixer(cfg, data, dist, stage_results)
+    mixer = build_mixer(cfg, data, dist, stage_results, sweep)
     if dist.is_main:
         print(f"model: {n_params:,} parameters ({format_count(n_params)}); data: {data.corpus.description}, "
               f"{len(data.corpus.domains)} domains; device {dist.device} x {dist.world_size}; run dir {run_dir}")

@@ -203,6 +203,13 @@ def load_group_option(group: str, name: str, conf_dir: Path = CONF_DIR) -> dict[
     return {k: v for k, v in (values or {}).items() if k != "defaults"}
 
 
+def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from ``dataclasses.asdict`` of one (a sweep job reads its config from a file)."""
+    parts = {"model": ModelConfig, "dataset": DataConfig, "trainer": TrainerConfig, "logger": LoggerConfig,
+             "paths": PathsConfig}
+    return RunConfig(**{k: parts[k](**v) if k in parts else v for k, v in values.items()})
+
+
 def register_configs() -> None:
     """Make the schema available to ``conf/config.yaml`` as the defaults entry ``schema``."""
     ConfigStore.instance().store(name="schema", node=RunConfig)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from dograph.pipeline import StageSpec
     from dograph.projection import Projector
+    from dograph.sweep import SweepSpec
 
 
 class Signal(StrEnum):
@@ -89,8 +90,9 @@ class Mixer(ABC):
     exactly.
     """
 
-    requires: ClassVar[frozenset[Signal]] = frozenset()
+    requires: ClassVar[frozenset[Signal]] = frozenset()  # a mixer may set it per instance (from its config)
     reweights: ClassVar[bool] = True  # False: weigh() is never called (uniform, static)
+    has_sweep: ClassVar[bool] = False  # True: plan_sweep declares proxy runs (the regression methods)
 
     @property
     def projector(self) -> Projector | None:
@@ -131,6 +133,15 @@ class Mixer(ABC):
         ``stage_results``. Default: none.
         """
         return []
+
+    @classmethod
+    def plan_sweep(cls, node: dict[str, Any], domains: list[str], natural_mixture: list[float]) -> SweepSpec:
+        """The proxy sweep of a regression method (``has_sweep``): one small run per mixture.
+
+        The app trains the proxies (``dograph.sweep``, each a cached stage) and passes the
+        gathered results to the main mixer as ``sweep``.
+        """
+        raise NotImplementedError(f"{cls.__name__} declares no sweep")
 
     def save_artifacts(self, out_dir: Path) -> None:  # noqa: B027 (optional hook)
         """Write histories (weights, assignments) under ``out_dir``; rank 0 only."""

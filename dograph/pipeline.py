@@ -80,6 +80,7 @@ class StageResult:
     key: str
     run_dir: Path
     outputs: dict[str, Any] = field(default_factory=dict)
+    final_eval: dict[str, Any] = field(default_factory=dict)  # the run's last validation (val/<domain>/loss, ...)
     wall_time_s: float = 0.0
     device: str = ""
     steps: int = 0
@@ -190,25 +191,32 @@ def stage_lock(run_dir: Path, dist: DistContext) -> Iterator[None]:
 TrainFn = Callable[..., Any]  # (cfg, run_dir, dist, stage_results=...) -> TrainResult (with .outputs)
 
 
-def _result(method: str, spec: StageSpec, key: str, run_dir: Path, record: dict[str, Any],
-            reused: bool) -> StageResult:
+def stage_result(method: str, spec: StageSpec, key: str, run_dir: Path, record: dict[str, Any],
+                 reused: bool) -> StageResult:
+    """A StageResult from a stage's record (``stage.json``)."""
     return StageResult(method=method, name=spec.name, key=key, run_dir=run_dir, outputs=record.get("outputs", {}),
-                       wall_time_s=float(record.get("wall_time_s", 0.0)), device=str(record.get("device", "")),
-                       steps=int(record.get("steps", 0)), reused=reused)
+                       final_eval=record.get("final_eval", {}), wall_time_s=float(record.get("wall_time_s", 0.0)),
+                       device=str(record.get("device", "")), steps=int(record.get("steps", 0)), reused=reused)
+
+
+def locate_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str, StageResult]
+                 ) -> tuple[RunConfig, str, Path]:
+    """The stage's run config, key and directory."""
+    cfg = stage_config(main, method, spec)
+    key = stage_key(method, spec, cfg, needed)
+    return cfg, key, Path(main.paths.output_root) / "stages" / method / f"{spec.name}-{key}"
 
 
 def run_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str, StageResult], dist: DistContext,
               train: TrainFn) -> StageResult:
     """Reuse, resume or train one stage (under its lock)."""
-    cfg = stage_config(main, method, spec)
-    key = stage_key(method, spec, cfg, needed)
-    run_dir = Path(main.paths.output_root) / "stages" / method / f"{spec.name}-{key}"
+    cfg, key, run_dir = locate_stage(main, method, spec, needed)
     with stage_lock(run_dir, dist):
         record = all_gather_objects(dist, read_marker(run_dir) if dist.is_main else None)[0]
         if record is not None:
             log.info("stage %s/%s: reusing %s (trained in %.0f s)", method, spec.name, run_dir,
                      float(record.get("wall_time_s", 0.0)))
-            return _result(method, spec, key, run_dir, record, reused=True)
+            return stage_result(method, spec, key, run_dir, record, reused=True)
         resume = (run_dir / "checkpoints" / "latest").exists()
         log.info("stage %s/%s: %s %s", method, spec.name, "resuming" if resume else "training", run_dir)
         started = time.time()
@@ -220,14 +228,15 @@ def run_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str, S
                                   f"{cfg.trainer.max_steps} (stop_after_steps): run the same command again to "
                                   f"resume it ({run_dir})")
         record = {"complete": True, "method": method, "stage": spec.name, "key": key,
-                  "outputs": result.outputs, "wall_time_s": result.state.elapsed, "steps": result.state.step,
+                  "outputs": result.outputs, "final_eval": result.final_eval,
+                  "wall_time_s": result.state.elapsed, "steps": result.state.step,
                   "device": f"{dist.device} x {dist.world_size}", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "session_seconds": time.time() - started, "needs": {n: needed[n].key for n in spec.needs},
                   "config": asdict(cfg)}
         record = all_gather_objects(dist, record)[0]  # rank 0's outputs, on every rank
         if dist.is_main:
             write_marker(run_dir, record)
-        return _result(method, spec, key, run_dir, record, reused=False)
+        return stage_result(method, spec, key, run_dir, record, reused=False)
 
 
 def run_stages(main: RunConfig, method: str, specs: list[StageSpec], dist: DistContext,
@@ -244,6 +253,6 @@ def run_stages(main: RunConfig, method: str, specs: list[StageSpec], dist: DistC
     return results
 
 
-def write_stage_summary(run_dir: Path, results: dict[str, StageResult]) -> None:
-    """``stages.json`` in the main run's directory: each stage's directory, cost and reuse."""
-    (run_dir / "stages.json").write_text(json.dumps([r.summary() for r in results.values()], indent=2))
+def write_stage_summary(run_dir: Path, results: list[StageResult]) -> None:
+    """``stages.json`` in the main run's directory: each earlier run's directory, cost and reuse."""
+    (run_dir / "stages.json").write_text(json.dumps([r.summary() for r in results], indent=2))

@@ -115,6 +115,15 @@ def build_validation(cfg: DataConfig, corpus: Corpus, tokenizer: Any, seq_len: i
     return [holdout.windows for holdout in holdouts]
 
 
+def load_corpus(cfg: DataConfig, *, cache_dir: Path, dist: DistContext) -> Corpus:
+    """The corpus alone (domains, natural mixture), built on rank 0 first so caches are written once."""
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            corpus = build_corpus(cfg, cache_dir)
+        barrier(dist)
+    return corpus
+
+
 def build_run_data(cfg: DataConfig, *, tokenizer_name: str, seq_len: int, cache_dir: Path, seed: int,
                    dist: DistContext) -> RunData:
     """Everything the trainer reads, built on rank 0 first so caches are written once."""

@@ -1,0 +1,38 @@
+"""One proxy of a sweep as a Hydra job: ``python -m dograph.sweep_job --multirun job.file=F job.index=0,1,...``.
+
+``dograph.sweep`` launches it when ``mixer.launcher`` is not ``basic``, so Hydra's launcher
+plugins (joblib, submitit) run the proxies; each job reads the sweep's description
+(``sweep.json``: the main run's config, the method, the sweep) and trains proxy ``job.index``
+exactly as the in-process path does (a pipeline stage: reused when complete, resumed when
+interrupted, ``failed.json`` on an error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(config_path="../conf", config_name="sweep_job", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from dograph.app import _train, configure_runtime
+    from dograph.config import run_config_from_dict
+    from dograph.distributed import DistContext
+    from dograph.sweep import SweepSpec, train_proxy
+
+    configure_runtime()
+    job = json.loads(Path(cfg.job.file).read_text())
+    spec = SweepSpec(**{**job["spec"], "launcher_overrides": tuple(job["spec"]["launcher_overrides"])})
+    outcome = train_proxy(run_config_from_dict(job["main"]), job["method"], spec, int(cfg.job.index),
+                          DistContext(), _train)
+    log.info("proxy %d: %s", outcome.index, "done" if outcome.ok else f"failed ({outcome.error})")
+
+
+if __name__ == "__main__":
+    main()
