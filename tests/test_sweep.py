@@ -63,7 +63,8 @@ def table(tmp_path: Path) -> list[dict[str, str]]:
 
 
 def markers(tmp_path: Path) -> dict[str, str]:
-    return {p.parent.name: p.read_text() for p in (tmp_path / "out" / "stages" / "test_sweep").glob("proxy-*/stage.json")}
+    root = tmp_path / "out" / "stages" / "test_sweep"
+    return {p.parent.name: p.read_text() for p in root.glob("proxy-*/stage.json")}
 
 
 def test_sweep_trains_every_proxy_and_reuses_them(sweep_cfg, tmp_path: Path) -> None:
@@ -80,7 +81,8 @@ def test_sweep_trains_every_proxy_and_reuses_them(sweep_cfg, tmp_path: Path) -> 
     assert all(s["reused"] for s in json.loads((tmp_path / "again" / "stages.json").read_text()))
     best = int(np.argmin([float(r["val_avg_loss"]) for r in rows]))  # same average as the mixer's over domains
     state = torch.load(tmp_path / "again" / "checkpoints" / "step_00000002.pt", weights_only=False)
-    assert state["ranks"][0]["data"]["mixture"].tolist() == pytest.approx(np.array(MIXTURES[best]) / sum(MIXTURES[best]))
+    expected = np.array(MIXTURES[best]) / sum(MIXTURES[best])
+    assert state["ranks"][0]["data"]["mixture"].tolist() == pytest.approx(expected)
 
 
 def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_path: Path, monkeypatch) -> None:
