@@ -70,6 +70,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from scipy.stats import spearmanr
 
+from baselines.sweep_fit import FitOutcome, SweepFitMixer
 from dograph.errors import ConfigError, DataError
 
 # ---- constants (official values) ---------------------------------------------------------------------------
@@ -395,3 +396,49 @@ def choose_mixture(regressor: Predictor, token_shares: Sequence[float] | np.ndar
     mixture /= mixture.sum()  # a mean of simplex rows: only float round-off to remove
     predicted = float(np.asarray(regressor.predict(mixture[None, :]), dtype=np.float64)[0])
     return MixtureChoice(mixture, predicted, predictions[best])
+
+
+# ---- the method -----------------------------------------------------------------------------------------------
+
+
+class RegMixMixer(SweepFitMixer):
+    """``mixer=regmix``: proxies on synthesized mixtures, a LightGBM regressor, the top-k of a simulated search.
+
+    The token distribution of the formulas is the corpus's natural mixture (our choice: byte shares
+    for the embedded and local corpora, the published shares for SlimPajama; tokens per byte differ
+    little between the domains of a corpus, and this keeps the sweep independent of the tokenizer).
+    """
+
+    label = "RegMix"
+
+    def __init__(self, *, target: str = "average", held_out: float = HELD_OUT_FRACTION, top_k: int = TOP_K,
+                 samples: int = SIMULATION_SAMPLES, fit_seed: int = LGBM_SEED, **rest: Any) -> None:
+        self.target, self.held_out, self.top_k, self.samples = target, held_out, top_k, samples
+        self.fit_seed = fit_seed
+        super().__init__(target=target, held_out=held_out, top_k=top_k, samples=samples, fit_seed=fit_seed, **rest)
+
+    @classmethod
+    def design(cls, node: dict[str, Any], count: int, seed: int, domains: list[str],
+               natural_mixture: list[float]) -> np.ndarray:
+        check_settings(proxies=count, min_proxies=int(node["min_proxies"]), held_out=float(node.get("held_out",
+                       HELD_OUT_FRACTION)), top_k=int(node.get("top_k", TOP_K)),
+                       samples=int(node.get("samples", SIMULATION_SAMPLES)))
+        target = node.get("target", "average")
+        if target != "average" and target not in domains:
+            raise ConfigError(f"mixer.target={target!r} is not a domain of the dataset: choose average or one of "
+                              f"{', '.join(domains)}")
+        return synthesize_mixtures(natural_mixture, count, seed=seed)
+
+    def fit(self, mixtures: np.ndarray, losses: np.ndarray) -> FitOutcome:
+        check_mixture_table(mixtures, losses, self.domains)
+        targets = regression_target(losses, self.target, self.domains, self.natural_mixture)
+        fitted = fit_regressor(mixtures, targets, seed=self.fit_seed, held_out=self.held_out)
+        choice = choose_mixture(fitted.regressor, self.natural_mixture, samples=self.samples, top_k=self.top_k,
+                                seed=self.fit_seed)
+        label = ("natural-mixture average validation loss" if self.target == "average"
+                 else f"validation loss of {self.target}")
+        held = np.asarray(fitted.quality.held_out_rows, dtype=np.int64)
+        predicted = np.asarray(fitted.regressor.predict(mixtures), dtype=np.float64)
+        predicted[held] = fitted.quality.held_out_predictions  # as the split model saw them (the reported quality)
+        return FitOutcome(choice.mixture, choice.predicted_loss, label, fitted.quality.summary(), targets, predicted,
+                          held_out=held)

@@ -197,8 +197,9 @@ def print_stage_costs(results: list[StageResult], sweep: SweepResult | None = No
               f"{sweep.table}")
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: DistContext,
-           stage_results: dict[str, StageResult] | None = None, sweep: SweepResult | None = None) -> TrainResult:
+def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict[str, StageResult] | None = None,
+           sweep: SweepResult | None = None, quiet: bool = False) -> TrainResult:
+    """One training run; ``quiet`` (a sweep's proxies) ends with one line instead of the full summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)
     barrier(dist)
@@ -224,7 +225,11 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext,
         result.outputs = mixer.outputs() if dist.is_main else {}
         if dist.is_main and not result.stopped_early:
             export = export_hf(trainer, tok, run_dir) if cfg.trainer.export_hf else None
-            print_run_summary(result, data.corpus, mixer, run_dir, export)
+            if quiet:
+                print(f"{run_dir.name}: {result.state.step} steps in {result.state.elapsed:.1f} s, validation loss "
+                      f"{result.final_eval.get('val/avg_loss', float('nan')):.4f} (natural-mixture average)")
+            else:
+                print_run_summary(result, data.corpus, mixer, run_dir, export)
     finally:
         writer.close()
     return result

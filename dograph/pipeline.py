@@ -208,8 +208,8 @@ def locate_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str
 
 
 def run_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str, StageResult], dist: DistContext,
-              train: TrainFn) -> StageResult:
-    """Reuse, resume or train one stage (under its lock)."""
+              train: TrainFn, **train_options: Any) -> StageResult:
+    """Reuse, resume or train one stage (under its lock); ``train_options`` go to ``train`` (e.g. ``quiet``)."""
     cfg, key, run_dir = locate_stage(main, method, spec, needed)
     with stage_lock(run_dir, dist):
         record = all_gather_objects(dist, read_marker(run_dir) if dist.is_main else None)[0]
@@ -222,7 +222,7 @@ def run_stage(main: RunConfig, method: str, spec: StageSpec, needed: dict[str, S
         started = time.time()
         # nothing to resume: start over (a job killed before its first checkpoint may have left files)
         result = train(dataclasses.replace(cfg, resume=resume, overwrite=not resume), run_dir, dist,
-                       stage_results={name: needed[name] for name in spec.needs})
+                       stage_results={name: needed[name] for name in spec.needs}, **train_options)
         if result.stopped_early:
             raise StageIncomplete(f"stage {method}/{spec.name} stopped at step {result.state.step} of "
                                   f"{cfg.trainer.max_steps} (stop_after_steps): run the same command again to "

@@ -150,7 +150,7 @@ def train_proxy(main: RunConfig, method: str, spec: SweepSpec, index: int, dist:
     proxy = spec.proxy(index)
     _, _, run_dir = locate_stage(main, method, proxy, {})
     try:
-        result = run_stage(main, method, proxy, {}, dist, train)
+        result = run_stage(main, method, proxy, {}, dist, train, quiet=True)
     except Exception as exc:  # a failed proxy is reported and left out, the sweep goes on
         if dist.enabled:
             raise  # the other ranks would wait forever: under torchrun a failure stops the job

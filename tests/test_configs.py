@@ -23,7 +23,8 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group: str, option: str) -> None:
-    extra = ["dataset.path=/data"] if (group, option) == ("dataset", "jsonl") else []
+    extra = {("dataset", "jsonl"): ["dataset.path=/data"],
+             ("trainer", "regmix_proxy"): ["model=llama_1m"]}.get((group, option), [])  # a proxy's 2048 context
     cfg = to_run_config(compose_config([f"{group}={option}", *extra]))
     assert cfg.m == 11 and cfg.trainer.batch_size > 0
 
