@@ -89,11 +89,11 @@ def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_p
     real = dograph.sweep.run_stage
     trained: list[str] = []
 
-    def dies_at_the_third(main, method_name, spec, needed, dist, train):
+    def dies_at_the_third(main, method_name, spec, needed, dist, train, **options):
         if len(trained) == 2:
             raise KeyboardInterrupt  # the job is killed while the third proxy trains
         trained.append(str(spec.mixer["mixture"]))
-        return real(main, method_name, spec, needed, dist, train)
+        return real(main, method_name, spec, needed, dist, train, **options)
 
     monkeypatch.setattr(dograph.sweep, "run_stage", dies_at_the_third)
     with pytest.raises(KeyboardInterrupt):
@@ -101,9 +101,9 @@ def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_p
     assert len(markers(tmp_path)) == 2
     counted: list[str] = []
 
-    def counting(main, method_name, spec, needed, dist, train):
+    def counting(main, method_name, spec, needed, dist, train, **options):
         counted.append(str(spec.mixer["mixture"]))
-        return real(main, method_name, spec, needed, dist, train)
+        return real(main, method_name, spec, needed, dist, train, **options)
 
     monkeypatch.setattr(dograph.sweep, "run_stage", counting)
     run_training(sweep_cfg(), tmp_path / "main2")
@@ -114,10 +114,10 @@ def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_p
 def test_a_failed_proxy_is_reported_and_left_out(sweep_cfg, tmp_path: Path, monkeypatch) -> None:
     real = dograph.sweep.run_stage
 
-    def second_fails(main, method_name, spec, needed, dist, train):
+    def second_fails(main, method_name, spec, needed, dist, train, **options):
         if spec.mixer["mixture"] == MIXTURES[1]:
             raise RuntimeError("out of memory (simulated)")
-        return real(main, method_name, spec, needed, dist, train)
+        return real(main, method_name, spec, needed, dist, train, **options)
 
     monkeypatch.setattr(dograph.sweep, "run_stage", second_fails)
     run_training(sweep_cfg(), tmp_path / "main")
