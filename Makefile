@@ -9,11 +9,16 @@ STAMP := $(VENV)/.installed
 # A CPU build of torch (an unpinned torch, or one pulled by lm-eval/accelerate, is a multi-GB CUDA build).
 TORCH_CPU := torch==2.13.0
 PYTEST_FLAGS ?=
+# Paper artifacts: `make table1 SCALE=smoke|cpu|paper` (conf/reproduce/<scale>.yaml); `make paper` builds them all.
+SCALE ?= smoke
+ARTIFACTS := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 \
+	figure1 figure2 figure3 figure4 figure5
 
-.PHONY: help install demo test test-all lint clean distclean bench table8 gpu-wheels bench-gpu
+.PHONY: help install demo test test-all lint clean distclean bench gpu-wheels bench-gpu paper $(ARTIFACTS) clean-results
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  make table1 ... table10, figure1 ... figure5 [SCALE=smoke|cpu|paper]: one paper artifact into results/SCALE/"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,8 +50,14 @@ gpu-wheels:  ## Download the wheels an offline CUDA machine lacks into .gpu_whee
 bench-gpu:  ## Every GPU measurement in one JSON + Markdown report, under 8 minutes (CPU shapes without CUDA)
 	bash benchmarks/gpu.sh run
 
-table8: $(STAMP)  ## Paper Table 8: model shapes and parameter counts from conf/model/*
-	$(PY) experiments/table8_shapes.py
+paper: $(STAMP)  ## Every paper table and figure at SCALE=smoke|cpu|paper into results/$(SCALE)/ (trains what is missing)
+	$(PY) -m experiments.reproduce paper --scale $(SCALE)
+
+$(ARTIFACTS): $(STAMP)  ## (make table1 ... table10, figure1 ... figure5 SCALE=...) one paper artifact
+	$(PY) -m experiments.reproduce $@ --scale $(SCALE)
+
+clean-results:  ## Remove the runs and artifacts of SCALE (outputs/reproduce/$(SCALE), results/$(SCALE))
+	rm -rf outputs/reproduce/$(SCALE) results/$(SCALE)
 
 clean:  ## Remove run outputs and tool caches (keeps .venv and the data cache)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

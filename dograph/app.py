@@ -29,6 +29,7 @@ from dograph.config import RunConfig
 from dograph.data.builder import RunData, build_run_data, load_corpus
 from dograph.data.tokenizer import tokenizer_vocab_size
 from dograph.distributed import DistContext, barrier, init_distributed, shutdown
+from dograph.downstream import check_task_names, evaluate_after_training
 from dograph.errors import ConfigError, DographError
 from dograph.metrics import MetricsWriter
 from dograph.mixing import Mixer
@@ -39,7 +40,8 @@ from dograph.sweep import SweepResult, run_sweep
 from dograph.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "hf", "wandb", "wandb_id", "run_info.json", "mixer")
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "hf", "wandb", "wandb_id", "run_info.json", "mixer", "summary.json",
+                 "eval")
 
 
 def seed_everything(seed: int) -> None:
@@ -197,6 +199,25 @@ def print_stage_costs(results: list[StageResult], sweep: SweepResult | None = No
               f"{sweep.table}")
 
 
+def write_run_summary(run_dir: Path, result: TrainResult, domains: list[str]) -> None:
+    """``summary.json``: the record that a run finished (the experiment index reads it; a crashed run has none).
+
+    Written atomically, after the final evaluation and the export.
+    """
+    state = result.state
+    summary = {"status": "complete", "steps": state.step, "tokens_seen": state.tokens_seen,
+               "train_time_s": state.elapsed, "skipped_steps": state.skipped_steps, "domains": domains,
+               "final_eval": result.final_eval}
+    weights = result.weight_summary
+    if weights.steps:
+        sampled, effective = weights.mean_mixtures()
+        summary["weights"] = {"reweighted_steps": weights.steps, "mean_ess": weights.mean_ess,
+                              "min_ess": weights.ess_min, "sampled_mixture": sampled, "effective_mixture": effective}
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    tmp.replace(run_dir / "summary.json")
+
+
 def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict[str, StageResult] | None = None,
            sweep: SweepResult | None = None, quiet: bool = False) -> TrainResult:
     """One training run; ``quiet`` (a sweep's proxies) ends with one line instead of the full summary."""
@@ -204,6 +225,8 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict
     prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)
     barrier(dist)
     seed_everything(cfg.seed)
+    if cfg.eval.task_names:
+        check_task_names(cfg)  # an unknown task fails now, not after training
     data = build_run_data(cfg.dataset, tokenizer_name=cfg.tokenizer, seq_len=cfg.trainer.seq_len,
                           cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed, dist=dist)
     tok = data.tokenizer
@@ -225,11 +248,15 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict
         result.outputs = mixer.outputs() if dist.is_main else {}
         if dist.is_main and not result.stopped_early:
             export = export_hf(trainer, tok, run_dir) if cfg.trainer.export_hf else None
+            write_run_summary(run_dir, result, list(data.corpus.domains))
             if quiet:
                 print(f"{run_dir.name}: {result.state.step} steps in {result.state.elapsed:.1f} s, validation loss "
                       f"{result.final_eval.get('val/avg_loss', float('nan')):.4f} (natural-mixture average)")
             else:
                 print_run_summary(result, data.corpus, mixer, run_dir, export)
+        if cfg.eval.task_names and not result.stopped_early:  # rank 0 evaluates, the others wait
+            evaluate_after_training(cfg, trainer.model, tok, run_dir, dist, step=result.state.step, writer=writer,
+                                    corpus=data.corpus)
     finally:
         writer.close()
     return result

@@ -153,6 +153,38 @@ class LoggerConfig:
         _require_choice(self.mode, "logger.mode", ("disabled", "offline", "online"))
 
 
+PAPER_TASKS = ("hellaswag", "piqa", "openbookqa", "copa", "logiqa", "winogrande", "sciq", "arc_easy",
+               "lambada_openai")  # the paper's nine lm-eval tasks (eval.tasks=paper9)
+
+
+@dataclass
+class EvalConfig:
+    """Downstream evaluation with lm-evaluation-harness after training (``python -m dograph.evaluate``)."""
+
+    tasks: Any = field(default_factory=list)  # paper9 | a task name | a list of names; [] = no evaluation
+    num_fewshot: int = 0  # the paper does not say; 0 is our choice
+    limit: int | None = None  # examples per task (for quick checks); None = all
+    batch_size: int = 8
+    include_path: str | None = None  # a directory of extra lm-eval task YAMLs
+    local_items: int = 40  # items per domain of the local dograph_* tasks (dograph.eval_tasks)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tasks, str):  # one name (paper9 among them) or a list of names
+            _require(isinstance(self.tasks, list | tuple) and all(isinstance(t, str) and t for t in self.tasks),
+                     "eval.tasks", "must be paper9 or a list of lm-eval task names", self.tasks)
+            self.tasks = list(self.tasks)
+        _require(self.tasks != "", "eval.tasks", "must be paper9 or a list of lm-eval task names", self.tasks)
+        _require(self.num_fewshot >= 0, "eval.num_fewshot", "must be >= 0", self.num_fewshot)
+        _require_positive(self, "eval", ("limit", "batch_size", "local_items"))
+
+    @property
+    def task_names(self) -> list[str]:
+        """``tasks`` with ``paper9`` expanded (and duplicates dropped, order kept)."""
+        names = [self.tasks] if isinstance(self.tasks, str) else self.tasks
+        expanded = [task for name in names for task in (PAPER_TASKS if name == "paper9" else (name,))]
+        return list(dict.fromkeys(expanded))
+
+
 @dataclass
 class PathsConfig:
     output_root: str = "outputs"
@@ -168,6 +200,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     mixer: Any = None  # _target_ + kwargs (conf/mixer/*)
     objective: Any = None  # _target_ + kwargs (conf/objective/*), read by mixers that optimise one
     tokenizer: str = "bpe8k"  # gpt2 | bpe<N>k (a byte-level BPE of N*1024 entries trained locally)
@@ -206,7 +239,7 @@ def load_group_option(group: str, name: str, conf_dir: Path = CONF_DIR) -> dict[
 def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
     """A :class:`RunConfig` from ``dataclasses.asdict`` of one (a sweep job reads its config from a file)."""
     parts = {"model": ModelConfig, "dataset": DataConfig, "trainer": TrainerConfig, "logger": LoggerConfig,
-             "paths": PathsConfig}
+             "paths": PathsConfig, "eval": EvalConfig}
     return RunConfig(**{k: parts[k](**v) if k in parts else v for k, v in values.items()})
 
 

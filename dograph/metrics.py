@@ -104,8 +104,8 @@ class MetricsWriter:
         """Drop records past ``step`` (left by a run that died after its last checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= step]
+        kept = [line for line in self.path.read_text().splitlines()  # a downstream record's step may be null
+                if line.strip() and (json.loads(line).get("step") or 0) <= step]
         tmp = self.path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -31,7 +31,7 @@ def test_every_option_composes(group: str, option: str) -> None:
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(experiment: str) -> None:
-    to_run_config(compose_config([f"experiment={experiment}"]))
+    to_run_config(compose_config([f"+experiment={experiment}"]))
 
 
 def test_tokenizer_follows_the_model_unless_overridden() -> None:

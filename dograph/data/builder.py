@@ -115,6 +115,12 @@ def build_validation(cfg: DataConfig, corpus: Corpus, tokenizer: Any, seq_len: i
     return [holdout.windows for holdout in holdouts]
 
 
+def corpus_tokenizer(cfg: DataConfig, corpus: Corpus, tokenizer_name: str, cache_dir: Path) -> Any:
+    """The tokenizer a run on ``corpus`` uses (a BPE trained on its training text is cached by corpus)."""
+    return load_tokenizer(tokenizer_name, cache_dir, corpus_fingerprint=tokenizer_cache_key(corpus),
+                          training_texts=_training_sample(cfg, corpus))
+
+
 def load_corpus(cfg: DataConfig, *, cache_dir: Path, dist: DistContext) -> Corpus:
     """The corpus alone (domains, natural mixture), built on rank 0 first so caches are written once."""
     for turn in ("main", "others"):
@@ -130,8 +136,7 @@ def build_run_data(cfg: DataConfig, *, tokenizer_name: str, seq_len: int, cache_
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
             corpus = build_corpus(cfg, cache_dir)
-            tokenizer = load_tokenizer(tokenizer_name, cache_dir, corpus_fingerprint=tokenizer_cache_key(corpus),
-                                       training_texts=_training_sample(cfg, corpus))
+            tokenizer = corpus_tokenizer(cfg, corpus, tokenizer_name, cache_dir)
         barrier(dist)
     holdouts = plan_holdouts(cfg, corpus, tokenizer, seq_len)
     rules = [None] * len(corpus.domains) if holdouts is None else [h.rule for h in holdouts]

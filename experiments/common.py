@@ -1,0 +1,108 @@
+"""Shared pieces of the table and figure modules: method names, per-method cells over seeds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from experiments.render import NOT_AVAILABLE
+from experiments.scale import RunRequest, rows_for
+from experiments.stats import Estimate, mean_ci
+
+# The paper's names for the methods (docs/design.md section 3)
+METHOD_NAMES = {
+    "uniform": "Uniform", "loss_based": "Loss-based", "doremi": "DoReMi", "doge": "DoGE", "regmix": "RegMix",
+    "data_mixing_law": "Data Mixing Laws", "dograph": "DoGraph", "fixed": "Fixed mixture",
+}
+CI_NOTE = "Cells: mean ± half-width of the 95% Student-t interval over seeds (n = seeds); one seed has no interval."
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header and how one run's row gives its value (None when the run lacks it)."""
+
+    header: str
+    value: Callable[[pd.Series], float | None]
+    digits: int = 2
+
+
+def metric(column: str, factor: float = 1.0) -> Callable[[pd.Series], float | None]:
+    """A row's ``column`` times ``factor`` (None when absent or NaN)."""
+    def read(row: pd.Series) -> float | None:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        return float(value) * factor
+    return read
+
+
+def ppl_of(column: str) -> Callable[[pd.Series], float | None]:
+    """exp of a row's mean token loss."""
+    read = metric(column)
+    return lambda row: None if (v := read(row)) is None else math.exp(min(v, 50.0))
+
+
+def estimate(rows: pd.DataFrame, column: Column) -> Estimate:
+    return mean_ci([v for _, row in rows.iterrows() if (v := column.value(row)) is not None])
+
+
+def method_rows(index: pd.DataFrame, requests: Sequence[RunRequest], columns: Sequence[Column],
+                methods: Sequence[str]) -> list[list[str]]:
+    """One table row per method: its name, then each column's mean ± CI over the method's seeds.
+
+    A method with no complete run gets "not available" cells (never a number).
+    """
+    out = []
+    for method in methods:
+        rows = rows_for(index, [r for r in requests if r.method == method])
+        if rows.empty:
+            out.append([method_name(method), *([NOT_AVAILABLE] * len(columns))])
+            continue
+        out.append([method_name(method), *(estimate(rows, c).format(c.digits) for c in columns)])
+    return out
+
+
+def missing_note(index: pd.DataFrame, requests: Sequence[RunRequest]) -> list[str]:
+    """A note naming the runs a table lacks (empty when none)."""
+    missing = [r for r in requests if rows_for(index, [r]).empty]
+    if not missing:
+        return []
+    return [f"{len(missing)} of {len(requests)} runs are missing (not available): "
+            + "; ".join(r.label() for r in missing[:6]) + (" ..." if len(missing) > 6 else "")]
+
+
+def _task_column(index: pd.DataFrame, task: str) -> Column:
+    metrics = index.get(f"downstream/{task}/metric")
+    name = str(metrics.dropna().iloc[0]) if metrics is not None and not metrics.dropna().empty else "acc"
+    percent = name.startswith("acc")
+    label = f"{task} ({name}{', %' if percent else ''})"
+    return Column(label, metric(f"downstream/{task}/score", 100.0 if percent else 1.0), 1 if percent else 2)
+
+
+def downstream_columns(rows: pd.DataFrame) -> list[Column]:
+    """A column per downstream task the runs were evaluated on (accuracies in %), then their average."""
+    tasks = [c.split("/")[1] for c in rows.columns if c.startswith("downstream/") and c.endswith("/score")
+             and rows[c].notna().any()]
+    columns = [_task_column(rows, t) for t in tasks]
+    if tasks:
+        columns.append(Column("Avg (%)", metric("downstream/avg", 100.0), 1))
+    return columns
+
+
+def downstream_table_rows(index: pd.DataFrame, requests: Sequence[RunRequest], methods: Sequence[str],
+                          extra: Sequence[Column] = ()) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, notes) of a methods x downstream-tasks table (Tables 1, 3, 4, 5)."""
+    rows = rows_for(index, list(requests))
+    columns = [*downstream_columns(rows), *extra]
+    notes = [CI_NOTE, *missing_note(index, requests)]
+    if not downstream_columns(rows):
+        notes.append("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns "
+                      "are not available; `python -m dograph.evaluate RUN_DIR eval=paper` adds them.")
+    return ["Method", *(c.header for c in columns)], method_rows(index, requests, columns, methods), notes

@@ -1,0 +1,188 @@
+"""The results index: every run directory under some roots, read into one table (one row per run).
+
+A run directory is any directory holding ``run_info.json`` (written when a run starts), outside
+a ``stages/`` tree (a method's stages are costs of its main run, read from ``stages.json``).
+A run is ``complete`` when it holds ``summary.json`` (written after the final evaluation);
+otherwise it is ``incomplete`` (crashed, killed or still running) and artifacts skip it.
+
+Columns (a missing value is NaN / None):
+  run_dir, status, method, model, dataset, objective, trainer, m, seed, tags, max_steps,
+  steps, tokens_seen, train_time_s, stage_time_s, stages, total_time_s, mean_ess,
+  mean_time_solve_s, mean_time_cluster_s, ... (means of the mixer's logged timings),
+  val/<domain>/loss, val/avg_loss, val/avg_ppl, val/worst_loss,
+  downstream/<task>/score, downstream/<task>/stderr, downstream/<task>/metric, downstream/avg,
+  has_downstream (False when the run has no ``eval/scores.json``).
+The method, model, dataset and objective are Hydra's choices (``.hydra/hydra.yaml``); runs made
+without Hydra fall back to the mixer's ``_target_``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+log = logging.getLogger(__name__)
+
+# mixer _target_ -> method name, for run directories made without Hydra (tests, notebooks)
+METHOD_BY_TARGET = {
+    "dograph.dograph_mixer.DoGraphMixer": "dograph",
+    "baselines.uniform.UniformMixer": "uniform",
+    "baselines.fixed.FixedMixer": "fixed",
+    "baselines.loss_based.LossBasedMixer": "loss_based",
+    "baselines.doremi.DoReMiMixer": "doremi",
+    "baselines.doge.DoGEMixer": "doge",
+    "baselines.regmix.RegMixMixer": "regmix",
+    "baselines.data_mixing_law.DataMixingLawMixer": "data_mixing_law",
+}
+TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", "mixer/time_projection_s")
+IDENTITY = ("method", "model", "dataset", "objective", "m", "seed")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot read %s (%s): ignored", path, exc)
+        return None
+
+
+def _hydra_choices(run_dir: Path) -> dict[str, str]:
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.exists():
+        return {}
+    try:
+        choices = (yaml.safe_load(path.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
+    except yaml.YAMLError:
+        return {}
+    return {k: str(v) for k, v in choices.items() if v is not None}
+
+
+def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """(the last ``eval`` record, the mean of each ``mixer/time_*`` over the train records) of ``metrics.jsonl``."""
+    last: dict[str, Any] = {}
+    sums: dict[str, list[float]] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return last, {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("kind") == "eval":
+            last = record
+        elif record.get("kind") == "train":
+            for key in TIMINGS:
+                if isinstance(record.get(key), int | float):
+                    sums.setdefault(key, []).append(float(record[key]))
+    return last, {f"mean_{k.split('/')[-1]}": sum(v) / len(v) for k, v in sums.items() if v}
+
+
+def read_run(run_dir: Path) -> dict[str, Any] | None:
+    """One index row for ``run_dir`` (None when ``run_info.json`` is unreadable)."""
+    info = _read_json(run_dir / "run_info.json")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        return None
+    cfg = info["config"]
+    choices = _hydra_choices(run_dir)
+    mixer = cfg.get("mixer") or {}
+    target = str(mixer.get("_target_", ""))
+    row: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "method": choices.get("mixer") or METHOD_BY_TARGET.get(target, target.rsplit(".", 2)[-2] if target else "?"),
+        "model": choices.get("model", "?"),
+        "dataset": choices.get("dataset", (cfg.get("dataset") or {}).get("name", "?")),
+        "objective": choices.get("objective", "?"),
+        "trainer": choices.get("trainer", "?"),
+        "m": cfg.get("m"),
+        "seed": cfg.get("seed"),
+        "tags": ",".join(cfg.get("tags") or []),
+        "max_steps": (cfg.get("trainer") or {}).get("max_steps"),
+        "parameters": info.get("parameters"),
+    }
+    last_eval, timings = _read_metrics(run_dir)
+    row.update(timings)
+    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
+    if isinstance(summary, dict) and summary.get("status") == "complete":
+        row.update(status="complete", steps=summary.get("steps"), tokens_seen=summary.get("tokens_seen"),
+                   train_time_s=summary.get("train_time_s"))
+        final = summary.get("final_eval") or {}
+        row["mean_ess"] = (summary.get("weights") or {}).get("mean_ess", 1.0)
+    else:
+        row.update(status="incomplete")
+        final = last_eval
+    row.update({k: v for k, v in final.items() if k.startswith("val/")})
+    stages = _read_json(run_dir / "stages.json") if (run_dir / "stages.json").exists() else None
+    stages = stages if isinstance(stages, list) else []
+    row["stages"] = len(stages)
+    row["stage_time_s"] = float(sum(float(s.get("wall_time_s", 0.0)) for s in stages))
+    if row.get("train_time_s") is not None:
+        row["total_time_s"] = float(row["train_time_s"]) + row["stage_time_s"]
+    scores = _read_json(run_dir / "eval" / "scores.json") if (run_dir / "eval" / "scores.json").exists() else None
+    row["has_downstream"] = isinstance(scores, dict)
+    if isinstance(scores, dict):
+        for task, entry in (scores.get("tasks") or {}).items():
+            row[f"downstream/{task}/score"] = entry.get("score")
+            row[f"downstream/{task}/stderr"] = entry.get("stderr")
+            row[f"downstream/{task}/metric"] = entry.get("metric")
+        row["downstream/avg"] = scores.get("average")
+    return row
+
+
+def find_run_dirs(roots: Iterable[Path]) -> list[Path]:
+    """Directories holding ``run_info.json`` under ``roots``, stage runs (under ``stages/``) excluded."""
+    found: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            continue
+        for info in root.rglob("run_info.json"):
+            if "stages" not in info.relative_to(root).parts[:-1]:
+                found.add(info.parent)
+    return sorted(found)
+
+
+def build_index(roots: Iterable[Path]) -> pd.DataFrame:
+    """Every run under ``roots`` as one row (see the module docstring for the columns)."""
+    rows = [row for d in find_run_dirs(roots) if (row := read_run(d)) is not None]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        frame = pd.DataFrame(columns=["run_dir", "status", *IDENTITY])
+    return frame
+
+
+def complete(index: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs only."""
+    return index[index["status"] == "complete"] if len(index) else index
+
+
+def select(index: pd.DataFrame, **where: Any) -> pd.DataFrame:
+    """Complete runs whose identity columns equal ``where`` (``m=None`` matches anything)."""
+    frame = complete(index)
+    for key, value in where.items():
+        if value is None or key not in frame.columns:
+            continue
+        frame = frame[frame[key] == value]
+    return frame
+
+
+def domains_of(index: pd.DataFrame) -> list[str]:
+    """Human domains with a validation loss column, in column order."""
+    return [c.split("/")[1] for c in index.columns
+            if c.startswith("val/") and c.endswith("/loss") and c.count("/") == 2 and "avg" not in c]
+
+
+def tasks_of(index: pd.DataFrame) -> list[str]:
+    """Downstream tasks with a score column, in column order."""
+    return [c.split("/")[1] for c in index.columns if c.startswith("downstream/") and c.endswith("/score")]
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

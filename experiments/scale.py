@@ -1,0 +1,138 @@
+"""A scale (smoke | cpu | paper) of the paper's experiments, and the runs an artifact asks for.
+
+The scale's settings live in ``conf/reproduce/<scale>.yaml`` (models and datasets standing for
+the paper's settings, seeds, the overrides every run gets). A :class:`RunRequest` names one run
+by what identifies it in the results index (method, model, dataset, seed, and for DoGraph m and
+the objective); :func:`request_overrides` turns it into the ``run.py`` command line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SCALES = ("smoke", "cpu", "paper")
+DEFAULT_OBJECTIVE = "uncertainty"  # conf/config.yaml
+DEFAULT_M = 11  # conf/config.yaml
+
+
+@dataclass(frozen=True)
+class Scale:
+    """``conf/reproduce/<name>.yaml`` as a typed object; paths are absolute (relative ones from the repository)."""
+
+    name: str
+    runs_root: Path
+    results_dir: Path
+    launch: str  # train | print
+    seeds: list[int]
+    methods: list[str]
+    common: list[str]
+    method_overrides: dict[str, list[str]]
+    settings: dict[str, dict[str, str]]
+    model_scale: list[str]
+    m_values: list[int]
+    objectives: list[str]
+    corpora: dict[str, str]
+    description: str = ""
+
+    @property
+    def cache_dir(self) -> Path:
+        """The data and tokenizer cache the runs use (conf/paths/default.yaml: DOGRAPH_CACHE or .cache/dograph)."""
+        return Path(os.environ.get("DOGRAPH_CACHE", REPO / ".cache" / "dograph"))
+
+    def setting(self, name: str) -> dict[str, str]:
+        """The model and dataset standing for a paper setting (e.g. ``slimpajama_medium``)."""
+        if name not in self.settings:
+            raise KeyError(f"conf/reproduce/{self.name}.yaml has no settings.{name}")
+        return self.settings[name]
+
+
+def load_scale(name: str, *, runs_root: str | Path | None = None, results_dir: str | Path | None = None) -> Scale:
+    """Read ``conf/reproduce/<name>.yaml`` (``runs_root``/``results_dir`` override the file's)."""
+    path = REPO / "conf" / "reproduce" / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"unknown scale {name!r}: choose one of {', '.join(SCALES)} (conf/reproduce/)")
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    header = path.read_text().split("\nname:")[0]
+    root = Path(runs_root or raw["runs_root"])
+    results = Path(results_dir or raw["results_dir"])
+    return Scale(name=raw["name"], runs_root=root if root.is_absolute() else REPO / root,
+                 results_dir=results if results.is_absolute() else REPO / results, launch=raw["launch"],
+                 seeds=[int(s) for s in raw["seeds"]], methods=list(raw["methods"]), common=list(raw["common"]),
+                 method_overrides={k: list(v) for k, v in (raw.get("method_overrides") or {}).items()},
+                 settings=dict(raw["settings"]), model_scale=list(raw["model_scale"]),
+                 m_values=[int(m) for m in raw["m_values"]], objectives=list(raw["objectives"]),
+                 corpora=dict(raw["corpora"]),
+                 description=" ".join(line.lstrip("# ").strip() for line in header.splitlines()))
+
+
+def model_tokenizer(model: str) -> str:
+    """The tokenizer ``conf/model/<model>.yaml`` names."""
+    return str(yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())["tokenizer"])
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run an artifact needs, by its identity in the results index."""
+
+    method: str
+    model: str
+    dataset: str
+    seed: int
+    m: int = DEFAULT_M
+    objective: str = DEFAULT_OBJECTIVE
+    sweep: str = field(default="methods", compare=False)  # the conf/experiment sweep that makes it by hand
+
+    def identity(self) -> dict[str, Any]:
+        ident: dict[str, Any] = {"method": self.method, "model": self.model, "dataset": self.dataset,
+                                 "seed": self.seed}
+        if self.method == "dograph":  # m and the objective mean nothing to the other methods
+            ident.update(m=self.m, objective=self.objective)
+        return ident
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.identity().items())
+
+    def run_dir(self, scale: Scale) -> Path:
+        variant = f"m{self.m}_{self.objective}" if self.method == "dograph" else "default"
+        return scale.runs_root / "runs" / self.method / self.model / self.dataset / variant / f"seed{self.seed}"
+
+
+def request_overrides(request: RunRequest, scale: Scale) -> list[str]:
+    """The ``run.py`` overrides of one request at ``scale`` (its run directory fixed, not derived)."""
+    out = [f"mixer={request.method}", f"model={request.model}", f"dataset={request.dataset}", f"seed={request.seed}"]
+    if request.method == "dograph":
+        out += [f"m={request.m}", f"objective={request.objective}"]
+    return [*out, *scale.common, *scale.method_overrides.get(request.method, []),
+            f"paths.output_root={scale.runs_root}", f"hydra.run.dir={request.run_dir(scale)}"]
+
+
+def method_requests(scale: Scale, setting: str, methods: list[str] | None = None) -> list[RunRequest]:
+    """Every method x seed on one paper setting (Tables 1-5)."""
+    where = scale.setting(setting)
+    return [RunRequest(method, where["model"], where["dataset"], seed)
+            for method in (methods or scale.methods) for seed in scale.seeds]
+
+
+def find_run(index: pd.DataFrame, request: RunRequest) -> pd.DataFrame:
+    """The complete runs in ``index`` that are ``request`` (newest last)."""
+    if index.empty or "status" not in index.columns:
+        return index.iloc[0:0]
+    frame = index[index["status"] == "complete"]
+    for key, value in request.identity().items():
+        if key not in frame.columns:
+            return frame.iloc[0:0]
+        frame = frame[frame[key] == value]
+    return frame
+
+
+def rows_for(index: pd.DataFrame, requests: list[RunRequest]) -> pd.DataFrame:
+    """The complete runs of ``requests`` (one per request: the newest when several match)."""
+    frames = [found.tail(1) for r in requests if not (found := find_run(index, r)).empty]
+    return pd.concat(frames) if frames else index.iloc[0:0]
