@@ -162,3 +162,20 @@ def test_domain_proportions_are_counted_from_the_documents(tmp_path: Path) -> No
     assert counts["beta"]["tokens"] == 3 * 7  # GPT-2: "a", " b", ..., " g"
     table = proportions_table("table6", "t", counts, [])
     assert table.rows[-1][:4] == ["total", "56", "1.000", "5"]  # 17 + 3 x 13 bytes
+
+
+@pytest.mark.parametrize("scale_name", ["smoke", "cpu", "paper"])
+def test_every_run_of_every_scale_composes_and_validates(scale_name: str) -> None:
+    """The overrides a scale gives its runs are valid configs (a typo would fail hours into a study)."""
+    from conftest import compose_config
+
+    from dograph.config import to_run_config
+    from experiments.reproduce import ARTIFACTS, artifact_module, needed_runs
+
+    scale = load_scale(scale_name)
+    requests = needed_runs([artifact_module(a) for a in ARTIFACTS], scale)
+    variants = {(r.method, r.model, r.dataset, r.m, r.objective): r for r in requests}  # seeds compose alike
+    for request in variants.values():
+        overrides = [o for o in request_overrides(request, scale) if not o.startswith(("hydra.", "hydra/"))]
+        cfg = to_run_config(compose_config(overrides))
+        assert cfg.seed == request.seed and cfg.m == request.m
