@@ -6,6 +6,8 @@ Parts, in this order (each guarded: a failing part is reported and the others st
 * ``steps``: step time uniform vs DoGraph fast path vs two-pass (``step_time.py --parts steps``).
 * ``consistency``: a short DoGraph run on the device vs on the CPU, fp32, first losses compared
   (``consistency.py``).
+* ``mfu``: uniform tokens/s, MFU (PaLM FLOPs accounting) and peak memory at gpt2_small and gpt2_medium,
+  batch 48 x 512, bf16, eager and ``torch.compile`` (``mfu.py``).
 * ``projection``: the capturing projection vs the reference projector (``step_time.py --parts projection``).
 * ``kmeans``: K-means cold fit, warm refresh and assignment (``step_time.py --parts kmeans``).
 * ``solves``: the objective solve of every conf/objective (``step_time.py --parts solves``).
@@ -71,6 +73,7 @@ PARTS = (
     Part("environment", "device and versions", 60, 60, 5),
     Part("steps", "step time: uniform vs DoGraph fast path vs two-pass", 200, 90, 40),
     Part("consistency", "DoGraph on the device vs on the CPU, fp32 losses", 90, 60, 15),
+    Part("mfu", "uniform tokens/s, MFU and peak memory: gpt2_small, gpt2_medium, eager and compile", 150, 60, 30),
     Part("projection", "projection vs the reference projector", 120, 60, 25),
     Part("kmeans", "K-means cold fit, warm refresh, assignment", 60, 30, 10),
     Part("solves", "objective solves", 60, 30, 10),
@@ -180,6 +183,13 @@ def part_solves(args: argparse.Namespace) -> dict[str, Any]:
     return step_time.run(step_time.parse_args(argv))
 
 
+def part_mfu(args: argparse.Namespace) -> dict[str, Any]:
+    import mfu
+
+    argv = ["--device", args.device] + (["--quick"] if args.quick else ["--steps", "8"])
+    return mfu.run(mfu.parse_args(argv))
+
+
 def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
     import throughput
 
@@ -200,7 +210,8 @@ def part_consistency(args: argparse.Namespace) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "environment": part_environment, "steps": part_steps, "consistency": part_consistency,
-    "projection": part_projection, "kmeans": part_kmeans, "solves": part_solves, "throughput": part_throughput}
+    "mfu": part_mfu, "projection": part_projection, "kmeans": part_kmeans, "solves": part_solves,
+    "throughput": part_throughput}
 
 
 # ---- worker -------------------------------------------------------------------------------------
@@ -421,6 +432,13 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     if tput:
         out.update({f"tokens_per_s_{name}": r["tokens_per_s"] for name, r in tput.items()})
         out["ratio_trainer_plain"] = tput["trainer"]["ratio_vs_plain"]
+    for row in result(report, "mfu").get("rows", []):
+        if "error" in row:
+            continue
+        key = f"{row['model']}_{'compile' if row['compile'] else 'eager'}"
+        out[f"mfu_{key}"] = row.get("mfu")
+        out[f"mfu_tokens_per_s_{key}"] = row["tokens_per_s"]
+        out[f"mfu_peak_gib_{key}"] = row["peak_memory_bytes"] / 2**30 if row.get("peak_memory_bytes") else None
     cons = result(report, "consistency")
     if "consistency" in report["parts"]:
         out["consistency_passed"] = bool(cons.get("passed", False))
@@ -485,6 +503,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows += [("tokens/s " + " / ".join(k[13:] for k in tput_keys),
                   " / ".join(fmt(s[k], "", 0) for k in tput_keys)),
                  ("Trainer / plain tokens/s", f"x{fmt(s['ratio_trainer_plain'], '', 3)}")]
+    for key in (k[len("mfu_tokens_per_s_"):] for k in s if k.startswith("mfu_tokens_per_s_")):
+        rows.append((f"uniform {key.replace('_', ' ')}: tokens/s / MFU (target >= 40% at gpt2_medium compile) / peak",
+                     f"{fmt(s[f'mfu_tokens_per_s_{key}'], '', 0)} / "
+                     f"{fmt(100 * s[f'mfu_{key}'], '%', 1) if s.get(f'mfu_{key}') is not None else 'n/a'} / "
+                     f"{fmt(s.get(f'mfu_peak_gib_{key}'), ' GiB', 1)}"))
     if "consistency_passed" in s:
         verdict = "PASS" if s["consistency_passed"] else "FAIL"
         detail = (f"max abs {s['consistency_max_abs_diff']:.2e}, max rel {s['consistency_max_rel_diff']:.2e} "

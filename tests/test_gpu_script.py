@@ -17,7 +17,7 @@ except ImportError:  # pip's own copy
     from pip._vendor.packaging.requirements import Requirement
 
 SCRIPT = REPO / "benchmarks" / "gpu.sh"
-PARTS = ("environment", "steps", "consistency", "projection", "kmeans", "solves", "throughput")
+PARTS = ("environment", "steps", "consistency", "mfu", "projection", "kmeans", "solves", "throughput")
 
 
 def test_cpu_proof_writes_every_section(tmp_path) -> None:
@@ -45,6 +45,8 @@ def test_cpu_proof_writes_every_section(tmp_path) -> None:
     assert report["parts"]["kmeans"]["result"]["kmeans"]["backend"].startswith("faiss")
     assert set(report["parts"]["solves"]["result"]["solves"]) == {"uncertainty", "variance", "robust", "alignment"}
     assert report["parts"]["throughput"]["result"]["results"]["trainer"]["tokens_per_s"] > 0
+    mfu_rows = report["parts"]["mfu"]["result"]["rows"]
+    assert mfu_rows[0]["tokens_per_s"] > 0 and mfu_rows[0]["mfu"] is None  # no peak FLOPs for a CPU
     consistency = report["parts"]["consistency"]["result"]
     assert consistency["passed"] and consistency["weighted_steps"] > 0
     assert consistency["max_abs_diff"] == 0.0  # CPU against CPU: the same run
