@@ -34,13 +34,17 @@ def curves(run_dir: Path) -> tuple[list[float], float]:
     return train, [r for r in records if r["kind"] == "eval"][-1]["val/avg_loss"]
 
 
-@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "mixer.buffer_size=32", "m=3"],
+# DoGraph at lr 1e-3: at 2e-3 the one-process run of this 8-sequence, 3-cluster toy spikes once (loss 6.6 -> 11.9
+# at step 18, then recovers) while the 2-process run, on other data, does not, so the tail comparison failed on
+# a trajectory, not on DDP. The exact gradient equality is tested apart (DoGraph under 2-process DDP).
+@pytest.mark.parametrize("mixer", [["mixer=uniform"],
+                                   ["mixer=dograph", "mixer.buffer_size=32", "m=3", "trainer.lr=1e-3"],
                                    ["mixer=loss_based", "mixer.burn_in=4"],
                                    ["mixer=doge", "mixer.proxy.max_steps=6", "mixer.proxy.trainer=debug"]],
                          ids=["uniform", "dograph", "loss_based", "doge_stages"])
 def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
-    overrides = [*tiny_overrides, *mixer, "trainer.max_steps=24", "trainer.batch_size=8", "trainer.lr=2e-3",
-                 "trainer.log_every=1"]
+    overrides = [*tiny_overrides, "trainer.max_steps=24", "trainer.batch_size=8", "trainer.lr=2e-3",
+                 "trainer.log_every=1", *mixer]
     launch(1, tmp_path / "single", [*overrides, f"paths.output_root={tmp_path / 'out1'}"])
     launch(2, tmp_path / "ddp", [*overrides, f"paths.output_root={tmp_path / 'out2'}"])
     single, single_val = curves(tmp_path / "single")
