@@ -294,7 +294,8 @@ class FixedSampler:
     def __init__(self, batches: list[Batch]) -> None:
         self.batches, self.position = batches, 0
 
-    def next_batch(self, batch: int) -> Batch:
+    def next_batch(self, batch: int, *, pin: bool = False) -> Batch:
+        """The next precomputed batch (already on the device, so ``pin`` has nothing to do)."""
         out = self.batches[self.position % len(self.batches)]
         if len(out) != batch:
             raise ValueError(f"precomputed batches hold {len(out)} sequences, the trainer asked for {batch}")
@@ -303,6 +304,12 @@ class FixedSampler:
 
     def set_mixture(self, mixture: Any) -> None:
         """The mixture is ignored: the batches are fixed."""
+
+    def set_prefetch(self, windows: int) -> None:
+        """Nothing to prepare ahead: the batches are precomputed."""
+
+    def close(self) -> None:
+        """No prefetch thread to stop."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position}

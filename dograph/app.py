@@ -150,9 +150,10 @@ def dry_run(cfg: RunConfig) -> None:
           f"{n:,} parameters ({format_count(n)})")
 
 
-def export_hf(trainer: Trainer, tokenizer: Any, run_dir: Path) -> Path:
+def export_hf(trainer: Trainer, tokenizer: Any, run_dir: Path, state_dict: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained`` of model and tokenizer; ``state_dict``: the full one gathered under fsdp."""
     out = run_dir / "hf"
-    trainer.model.save_pretrained(str(out))
+    trainer.model.save_pretrained(str(out), state_dict=state_dict)
     tokenizer.save_pretrained(str(out))
     return out
 
@@ -246,8 +247,10 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict
     try:
         result = trainer.fit(resume=cfg.resume)
         result.outputs = mixer.outputs() if dist.is_main else {}
+        exporting = cfg.trainer.export_hf and not result.stopped_early
+        full_state = trainer.full_model_state() if exporting else None  # a collective under fsdp
         if dist.is_main and not result.stopped_early:
-            export = export_hf(trainer, tok, run_dir) if cfg.trainer.export_hf else None
+            export = export_hf(trainer, tok, run_dir, full_state) if exporting else None
             write_run_summary(run_dir, result, list(data.corpus.domains))
             if quiet:
                 print(f"{run_dir.name}: {result.state.step} steps in {result.state.elapsed:.1f} s, validation loss "

@@ -40,6 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from dograph.distributed import DistContext, all_reduce_sum
 from dograph.errors import ConfigError
+from dograph.parallel import is_recomputing
 from dograph.projection import BoundProjection, LayerProjection, is_linear
 from dograph.timing import StepTimer
 
@@ -166,7 +167,7 @@ class GradientCapture:
 
     def _forward_hook(self, hooked: _Hooked):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if not self.active:
+            if not self.active or is_recomputing():  # activation checkpointing re-runs a block: seen once already
                 return None
             if not isinstance(output, Tensor):
                 self.non_tensor_outputs.add(hooked.name)

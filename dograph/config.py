@@ -122,10 +122,13 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model (GPU)
     device: str = "auto"  # auto | cpu | cuda
-    weighted_update: str = "fast"  # fast (one backward) | two_pass (reference)
+    prefetch: int = 2  # steps of windows packed ahead on a background thread; 0 = on the training thread
+    weighted_update: str = "auto"  # fast (one backward) | two_pass (reference) | auto: fast, two_pass under fsdp
     export_hf: bool = True  # save_pretrained of model and tokenizer at the end
     progress: bool = True  # progress bar
     stop_after_steps: int | None = None  # exit (checkpointed) after this many steps: simulates a kill
+    parallelism: str = "ddp"  # ddp (replicated model) | fsdp (FSDP2 fully_shard per block; dograph/parallel.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0", self.max_steps)
@@ -133,11 +136,16 @@ class TrainerConfig:
                                             "eval_batch_size", "log_every", "keep_checkpoints"))
         _require(self.lr > 0, "trainer.lr", "must be > 0", self.lr)
         _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", "must be in [0, trainer.lr]", self.min_lr)
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "prefetch"):
             _require(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0", getattr(self, name))
         _require_choice(self.precision, "trainer.precision", ("auto", "fp32", "bf16"))
         _require_choice(self.device, "trainer.device", ("auto", "cpu", "cuda"))
-        _require_choice(self.weighted_update, "trainer.weighted_update", ("fast", "two_pass"))
+        _require_choice(self.weighted_update, "trainer.weighted_update", ("auto", "fast", "two_pass"))
+        _require_choice(self.parallelism, "trainer.parallelism", ("ddp", "fsdp"))
+        if self.weighted_update == "auto":  # the one-backward update is not built for sharded parameters yet
+            self.weighted_update = "two_pass" if self.parallelism == "fsdp" else "fast"
+        _require(not (self.parallelism == "fsdp" and self.compile), "trainer.compile",
+                 "is not supported with trainer.parallelism=fsdp (set trainer.compile=false)", self.compile)
 
 
 @dataclass
@@ -216,6 +224,10 @@ class RunConfig:
                  "must be gpt2 or bpe<N>k (e.g. bpe8k)", self.tokenizer)
         _require(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true",
                  self.resume)
+        # rank 0 alone runs lm-eval after training; a sharded model needs every rank in its forward
+        _require(not (self.trainer.parallelism == "fsdp" and self.eval.task_names), "eval.tasks",
+                 "cannot run after training with trainer.parallelism=fsdp: evaluate the exported model later "
+                 "with python -m dograph.evaluate RUN_DIR", self.eval.tasks)
         _require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
                  f"must be <= model.max_position_embeddings={self.model.max_position_embeddings}",
                  self.trainer.seq_len)

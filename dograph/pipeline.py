@@ -49,7 +49,7 @@ MARKER = "stage.json"
 STAGE_KEYS = ("model", "trainer", "tokenizer", "seed")
 # Trainer fields that do not change what a stage produces: left out of its key.
 COSMETIC_TRAINER_FIELDS = ("eval_every", "eval_batch_size", "log_every", "ckpt_every", "keep_checkpoints",
-                           "progress", "stop_after_steps", "export_hf", "device")
+                           "progress", "stop_after_steps", "export_hf", "device", "prefetch")  # prefetch: same batches
 
 
 class StageIncomplete(DographError):

@@ -7,7 +7,8 @@ The trainer picks one runner from the mixer's declared needs (never its name):
   No mixer code runs.
 * :class:`ReweightStep`: the mixer reweights from cheap signals (losses, domains). All
   micro-batches are forwarded first (their graphs kept), the mixer weighs the whole step,
-  then each weighted loss is backpropagated. Gradients are summed over ranks explicitly.
+  then each weighted loss is backpropagated. Gradients are summed over ranks explicitly
+  (under FSDP2, by FSDP's reduce-scatter: :func:`backward_weighted`).
 * :class:`dograph.projected_step.ProjectedStep`: the mixer reads gradient signals, projected
   per-sample gradients (``GRAD_PROJ``) or the Gram of the per-domain gradients
   (``DOMAIN_GRAM``); one capturing backward, then the weighted update from what it kept.
@@ -19,8 +20,8 @@ Sample weights ``v`` sum to 1 over the global batch, so the step's gradient is
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,30 @@ class StepContext:
     autocast: Callable[[], AbstractContextManager]
     lr_at: Callable[[int], float] = lambda step: 0.0  # the learning rate of a step (the schedule)
     num_domains: int = 1  # human domains of the corpus
+    sharded: bool = False  # FSDP2 (``dograph.parallel.shard_model``): FSDP reduces gradients during backward
+
+
+def gradient_sync(ctx: StepContext, model: nn.Module, last: bool) -> AbstractContextManager:
+    """Reduce gradients over ranks only in the backward of the step's last micro-batch.
+
+    DDP: ``no_sync()`` before the last; FSDP2: ``set_requires_gradient_sync(False)`` (gradients stay
+    unsharded and accumulate locally, then the last backward reduce-scatters their sum: torch docs,
+    ``FSDPModule.set_requires_gradient_sync``).
+    """
+    if last or not ctx.dist.enabled:
+        return nullcontext()
+    if ctx.sharded:
+        return _fsdp_no_sync(model)
+    return model.no_sync() if hasattr(model, "no_sync") else nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class StepRunner(ABC):
@@ -73,28 +98,27 @@ class StepRunner(ABC):
 
 
 class PlainStep(StepRunner):
-    """Every sample weighs 1/B; DDP (when distributed) averages gradients during backward."""
+    """Every sample weighs 1/B; DDP or FSDP (when distributed) averages gradients during backward."""
 
     def __init__(self, ctx: StepContext) -> None:
         super().__init__(ctx)
         self.ddp_model: nn.Module | None = None
-        if ctx.dist.enabled:
+        if ctx.dist.enabled and not ctx.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [ctx.dist.device.index] if ctx.dist.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(ctx.model, device_ids=device_ids)
 
     def run(self, step: int, micro_batches: list[Batch]) -> StepResult:
-        # DDP averages over ranks, so each rank scales by world / B to get sum_i (1/B) grad l_i.
+        # DDP and FSDP average over ranks, so each rank scales by world / B to get sum_i (1/B) grad l_i.
         scale = self.ctx.dist.world_size / self.ctx.global_batch
         model = self.ddp_model or self.ctx.model
         losses = []
         for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = nullcontext() if self.ddp_model is None or last else self.ddp_model.no_sync()
-            with sync, self.ctx.autocast():
-                loss = per_sample_loss(model, batch.input_ids, batch.targets)
-            (loss.sum() * scale).backward()
+            with gradient_sync(self.ctx, model, i == len(micro_batches) - 1):  # forward and backward inside
+                with self.ctx.autocast():
+                    loss = per_sample_loss(model, batch.input_ids, batch.targets)
+                (loss.sum() * scale).backward()
             losses.append(loss.detach())
         return StepResult(torch.cat(losses))
 
@@ -135,10 +159,26 @@ class ReweightStep(StepRunner):
         if out.skip_step:
             return StepResult(loss, skipped=True, metrics=out.metrics)
         weights = resolve_weights(self.ctx, out, loss).split([len(l) for l in losses])
-        for micro_loss, micro_weights in zip(losses, weights, strict=True):
-            (micro_loss * micro_weights).sum().backward()
-        all_reduce_gradients(self.ctx.dist, list(self.ctx.model.parameters()))
+        backward_weighted(self.ctx, losses, weights)
         return StepResult(loss, metrics=out.metrics, weights=out.sample_weights)
+
+
+def backward_weighted(ctx: StepContext, losses: list[Tensor], weights: list[Tensor] | tuple[Tensor, ...], *,
+                      last: bool = True) -> None:
+    """Backpropagate each micro-batch's ``sum_i v_i l_i`` and leave the SUM over ranks in ``.grad``.
+
+    Unsharded: local backwards, then one explicit all-reduce (sum). Sharded (FSDP2): FSDP
+    reduce-scatters in the last backward and averages over ranks, so the losses are scaled by
+    the world size (a power of two in practice: exact in floating point) and nothing is
+    all-reduced by hand (the gradients are sharded DTensors). ``last=False``: more micro-batches
+    of the step follow (a caller that backpropagates them one call at a time); nothing is reduced yet.
+    """
+    scale = ctx.dist.world_size if ctx.sharded else 1
+    for i, (micro_loss, micro_weights) in enumerate(zip(losses, weights, strict=True)):
+        with gradient_sync(ctx, ctx.model, last and i == len(losses) - 1):
+            ((micro_loss * micro_weights).sum() * scale).backward()
+    if last and not ctx.sharded:
+        all_reduce_gradients(ctx.dist, list(ctx.model.parameters()))
 
 
 def build_step_runner(ctx: StepContext, weighted_update: str = "fast") -> StepRunner:

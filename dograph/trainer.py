@@ -27,6 +27,13 @@ from dograph.evaluation import evaluate
 from dograph.metrics import MetricAccumulator, MetricsWriter
 from dograph.mixing import Mixer
 from dograph.optim import build_optimizer, learning_rate, set_learning_rate
+from dograph.parallel import (
+    checkpoint_blocks,
+    full_model_state_dict,
+    full_state_dicts,
+    load_full_state_dicts,
+    shard_model,
+)
 from dograph.signals import StepContext, build_step_runner
 from dograph.weight_stats import WeightSummary, global_window, step_weight_stats
 
@@ -70,15 +77,24 @@ class Trainer:
         self.cfg, self.model, self.data, self.mixer = cfg, model, data, mixer
         self.dist, self.run_dir, self.writer = dist, run_dir, writer
         self.micro_batch, self.accumulation = micro_batch_plan(cfg, dist.world_size)
-        self.optimizer = build_optimizer(model, cfg)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)  # before sharding (torch docs: checkpoint, then fully_shard)
+        self.sharded = cfg.parallelism == "fsdp" and dist.enabled  # one process: nothing to shard
+        if self.sharded:
+            shard_model(model, dist, mixed_precision=self.bf16 and dist.device.type == "cuda")
+        self.optimizer = build_optimizer(model, cfg)
         context = StepContext(model, mixer, dist, cfg.batch_size, self.autocast,
-                              lr_at=lambda step: learning_rate(step, cfg), num_domains=len(data.corpus.domains))
+                              lr_at=lambda step: learning_rate(step, cfg), num_domains=len(data.corpus.domains),
+                              sharded=self.sharded)
         self.runner = build_step_runner(context, cfg.weighted_update)
         self.state = TrainState()
         self.accumulator = MetricAccumulator()
         self.num_domains = len(data.corpus.domains)
         self.weight_summary = WeightSummary()
+        # windows of `prefetch` steps per domain are packed ahead (domains are still drawn at step time)
+        data.sampler.set_prefetch(cfg.prefetch * self.micro_batch * self.accumulation)
+        self.pin = dist.device.type == "cuda"  # page-locked host batches, copied asynchronously
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:
@@ -94,12 +110,23 @@ class Trainer:
         self.state.weight_summary = self.weight_summary.state_dict()
         ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state(),
                                                "metrics": self.accumulator.state_dict()})
+        model_state, optimizer_state = self.state_dicts()  # every rank takes part under fsdp
         if self.dist.is_main:
-            state = {"trainer": self.state.__dict__.copy(), "model": self.model.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "mixer": self.mixer.state_dict(),
-                     "ranks": ranks}
+            state = {"trainer": self.state.__dict__.copy(), "model": model_state,
+                     "optimizer": optimizer_state, "mixer": self.mixer.state_dict(),
+                     "ranks": ranks, "parallelism": "fsdp" if self.sharded else "ddp"}
             save_checkpoint(self.ckpt_dir, self.state.step, state, keep=self.cfg.keep_checkpoints)
             self.mixer.save_artifacts(self.run_dir / "mixer")
+
+    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model and optimizer state; under fsdp the full (unsharded) ones, on rank 0 (a collective)."""
+        if self.sharded:
+            return full_state_dicts(self.model, self.optimizer)
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def full_model_state(self) -> dict[str, Any] | None:
+        """The unsharded model state on rank 0 under fsdp (a collective: every rank calls it); None otherwise."""
+        return full_model_state_dict(self.model) if self.sharded else None
 
     def restore(self) -> bool:
         path = latest_checkpoint(self.ckpt_dir)
@@ -111,8 +138,15 @@ class Trainer:
                               f"the same number (this run has {self.dist.world_size})")
         self.state = TrainState(**state["trainer"])
         self.weight_summary = WeightSummary.from_state(self.state.weight_summary)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        written = state.get("parallelism", "ddp")
+        if written != ("fsdp" if self.sharded else "ddp"):
+            raise ConfigError(f"checkpoint {path} was written with trainer.parallelism={written}; resume it with "
+                              f"the same (its optimizer state is keyed differently)")
+        if self.sharded:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.mixer.load_state_dict(state["mixer"])
         mine = state["ranks"][self.dist.rank]
         self.data.sampler.load_state_dict(mine["data"])
@@ -126,7 +160,7 @@ class Trainer:
     def train_step(self) -> None:
         step = self.state.step
         set_learning_rate(self.optimizer, learning_rate(step, self.cfg))
-        batches = [self.data.sampler.next_batch(self.micro_batch).to(self.dist.device)
+        batches = [self.data.sampler.next_batch(self.micro_batch, pin=self.pin).to(self.dist.device)
                    for _ in range(self.accumulation)]
         result = self.runner.run(step, batches)
         metrics = {"train/loss": result.loss.mean(), **result.metrics}
@@ -138,8 +172,9 @@ class Trainer:
             log.warning("step %d skipped: the mixer reported a non-finite signal", step)
         else:
             if self.cfg.grad_clip > 0:
-                metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                            self.cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                # a replicated DTensor under fsdp (the global norm of the sharded gradients): as a plain tensor
+                metrics["train/grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.update_mixture()
@@ -155,7 +190,8 @@ class Trainer:
     def run_eval(self) -> dict[str, Any]:
         results = evaluate(self.model, self.data.validation, self.data.corpus.domains,
                            self.data.corpus.natural_mixture, batch_size=self.cfg.eval_batch_size,
-                           device=self.dist.device, dist=self.dist, autocast=self.autocast)
+                           device=self.dist.device, dist=self.dist, autocast=self.autocast,
+                           lockstep=self.sharded)
         self.writer.write("eval", self.state.step, {**results, "tokens_seen": self.state.tokens_seen})
         return results
 
@@ -176,6 +212,13 @@ class Trainer:
         bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
 
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``max_steps`` (or ``stop_after_steps``); the data prefetch thread ends with it, however it ends."""
+        try:
+            return self._fit(resume)
+        finally:
+            self.data.sampler.close()
+
+    def _fit(self, resume: bool) -> TrainResult:
         if resume and not self.restore():
             log.warning("resume=true but %s holds no checkpoint: starting from scratch", self.ckpt_dir)
         cfg, stop = self.cfg, self.cfg.stop_after_steps

@@ -56,3 +56,14 @@ def test_baselines_import_only_the_contract_side_of_the_library() -> None:
         for module in imported_modules(path):
             if module.startswith("dograph"):
                 assert module.startswith(allowed), (path.name, module)
+
+
+def test_data_layer_knows_nothing_of_training() -> None:
+    # the data pipeline (prefetch thread included) is driven by the trainer, never the other way round
+    allowed = ("dograph.data", "dograph.config", "dograph.distributed", "dograph.errors")
+    for path in sorted((REPO / "dograph" / "data").rglob("*.py")):
+        for module in imported_modules(path):
+            if module.startswith("dograph"):
+                assert module.startswith(allowed), (path.name, module)
+    prefetch = imported_modules(REPO / "dograph" / "data" / "prefetch.py")
+    assert not any(m.startswith("torch") for m in prefetch)  # the worker thread touches no tensors or devices

@@ -141,9 +141,14 @@ class DomainPacker:
         self.buffer = self.buffer[self.seq_len:]
         return window
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """The position; ``copy=False`` shares the leftover buffer (cheap, safe: buffers are never written).
+
+        A prefetcher snapshots the state after every window it prepares, so the checkpoint can hold
+        the position of what training consumed rather than of what was prepared ahead.
+        """
         return {"next_doc": self.next_doc, "epoch": self.epoch, "docs_this_epoch": self.docs_this_epoch,
-                "buffer": self.buffer.copy()}
+                "buffer": self.buffer.copy() if copy else self.buffer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_doc, self.epoch = int(state["next_doc"]), int(state["epoch"])

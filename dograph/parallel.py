@@ -1,0 +1,162 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for ``trainer.parallelism=fsdp``, and activation checkpointing.
+
+Sharding follows the FSDP2 recipe of the torch docs (``fully_shard``: "apply to each
+transformer block, then to the root"): each block is one communication group (its parameters
+are all-gathered before its forward and reduce-scattered after its backward), the root group
+holds the embeddings, final norm and head. Every parameter becomes a ``DTensor`` sharded on
+dim 0 (``Shard(0)``, the last ranks padded when the dim does not divide the world size);
+``state_dict`` keys (FQNs) do not change.
+
+Activation checkpointing re-runs each block's forward in the backward instead of keeping its
+activations (``torch.utils.checkpoint``, non-reentrant, as the torch docs recommend). It
+replaces the block's ``forward`` (not the module), so parameter names, hooks on the block and
+the HF export stay as they are; FSDP's hooks (on ``__call__``) stay outside the checkpointed
+region. While a block is recomputed, :func:`is_recomputing` is true, so the gradient-capture
+hooks (``dograph.capture``) do not record a layer a second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dograph.config import ModelConfig
+from dograph.distributed import DistContext
+
+_RECOMPUTING = [0]  # depth of active recomputations (a list: mutable module state without `global`)
+
+
+def is_recomputing() -> bool:
+    """True while activation checkpointing re-runs a block's forward during the backward."""
+    return _RECOMPUTING[0] > 0
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    _RECOMPUTING[0] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] -= 1
+
+
+def _context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint.checkpoint(context_fn=...)``: (the first forward's context, the recompute's)."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks: the largest ``ModuleList`` of same-class modules.
+
+    GPT-2 keeps them in ``transformer.h``, LLaMA in ``model.layers``; found generically so a new
+    family needs no entry here.
+    """
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                  and len({type(child) for child in m}) == 1]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks")
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Checkpoint every block's activations (recomputed in the backward); returns how many blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=_context_fn, **kwargs)
+
+        block.forward = functools.wraps(inner)(forward)
+    return len(blocks)
+
+
+def shard_model(model: nn.Module, dist: DistContext, mixed_precision: bool) -> nn.Module:
+    """``fully_shard`` each block, then the root (in place; returns the model).
+
+    ``mixed_precision``: all-gather parameters in bf16 and reduce gradients in fp32
+    (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``, the torch docs'
+    example); the sharded master weights and the optimizer stay fp32. Off on the CPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+              else MixedPrecisionPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to the model (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def per_rank_parameter_bytes(model: nn.Module, world_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of parameters one rank holds under FSDP2 with ``world_size`` ranks, from shapes alone.
+
+    FSDP2 shards every parameter on dim 0 in ``ceil(dim0 / world)``-row chunks (``torch.chunk``
+    semantics, the sharded storage padded to that size: torch docs, ``fully_shard``), so each rank
+    holds ``ceil(dim0 / world) * prod(rest)`` elements of each parameter. Tied parameters count once.
+    Works on a model built on ``torch.device("meta")`` (no memory).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(math.ceil(p.shape[0] / world_size) * math.prod(p.shape[1:]) * size if p.ndim else size
+               for p in unique)
+
+
+def per_rank_parameter_bytes_of(cfg: ModelConfig, vocab_size: int, world_size: int,
+                                dtype: torch.dtype = torch.float32) -> int:
+    """:func:`per_rank_parameter_bytes` of the configured shape, built on the meta device (nothing allocated)."""
+    from dograph.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size)
+    return per_rank_parameter_bytes(model, world_size, dtype)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The unsharded model and optimizer state, on rank 0 in CPU memory (empty dicts on the others).
+
+    A collective: every rank must call it. ``get_model_state_dict`` / ``get_optimizer_state_dict``
+    with ``full_state_dict=True, cpu_offload=True`` (torch docs,
+    ``torch.distributed.checkpoint.state_dict``) all-gather one parameter at a time, so no rank holds
+    the whole model on the accelerator. The optimizer state is keyed by parameter names (FQNs),
+    not by position, which is why an fsdp checkpoint resumes only under fsdp.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The unsharded model state on rank 0 (CPU; empty on the others): what the HF export saves. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                          optimizer_state: dict[str, Any]) -> None:
+    """Shard a full model and optimizer state (every rank read the same checkpoint) into the FSDP model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

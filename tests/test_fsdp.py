@@ -1,0 +1,322 @@
+"""FSDP2 (``trainer.parallelism=fsdp``): config, sharding helpers, and 2-process gloo runs against one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, ddp_model, free_port, join_gloo, leave_gloo, rank_batches
+
+from dograph.config import EvalConfig, ModelConfig, RunConfig, TrainerConfig, load_group_option
+from dograph.errors import ConfigError
+from dograph.parallel import per_rank_parameter_bytes, per_rank_parameter_bytes_of, transformer_blocks
+
+# ---- fast ------------------------------------------------------------------------------------
+
+
+def test_parallelism_is_validated() -> None:
+    assert TrainerConfig().parallelism == "ddp" and TrainerConfig().activation_checkpointing is False
+    TrainerConfig(parallelism="fsdp", activation_checkpointing=True)
+    with pytest.raises(ConfigError, match=r"trainer\.parallelism"):
+        TrainerConfig(parallelism="zero3")
+    with pytest.raises(ConfigError, match=r"trainer\.compile"):
+        TrainerConfig(parallelism="fsdp", compile=True)
+    with pytest.raises(ConfigError, match=r"eval\.tasks"):
+        RunConfig(trainer=TrainerConfig(parallelism="fsdp"), eval=EvalConfig(tasks=["piqa"]))
+
+
+def test_default_trainer_yaml_names_the_keys() -> None:
+    values = load_group_option("trainer", "default")
+    assert values["parallelism"] == "ddp" and values["activation_checkpointing"] is False
+
+
+@pytest.mark.parametrize(("family", "path"), [("gpt2", "transformer.h"), ("llama", "model.layers")])
+def test_transformer_blocks_are_found(family: str, path: str) -> None:
+    from dograph.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(family=family, n_layer=3, n_head=2, d_model=16, d_ff=32,
+                                        max_position_embeddings=16), 64)
+    assert transformer_blocks(model) is model.get_submodule(path)
+
+
+def test_per_rank_parameter_bytes_pads_dim_0() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2, bias=False))  # weights [5,3], [2,5]
+    # 8 ranks: ceil(5/8)=1 row of 3, ceil(5/8)=1 bias, ceil(2/8)=1 row of 5 -> 9 floats
+    assert per_rank_parameter_bytes(model, 8) == 9 * 4
+    assert per_rank_parameter_bytes(model, 1) == (15 + 5 + 10) * 4
+    assert per_rank_parameter_bytes(model, 2, torch.bfloat16) == (3 * 3 + 3 + 1 * 5) * 2
+
+
+@pytest.mark.parametrize("name", ["llama_1b", "llama_3b"])
+def test_large_llamas_fit_per_rank_on_8_ranks(name: str) -> None:
+    """Built on the meta device (nothing allocated): per rank about 1/8 of the fp32 parameters."""
+    from dograph.data.tokenizer import tokenizer_vocab_size
+    from dograph.models import build_model, count_parameters
+
+    values = load_group_option("model", name)
+    cfg = ModelConfig(**values)
+    vocab = tokenizer_vocab_size(values.get("tokenizer", "gpt2"))
+    with torch.device("meta"):
+        model = build_model(cfg, vocab)
+    assert all(p.is_meta for p in model.parameters())
+    total = count_parameters(model) * 4
+    per_rank = per_rank_parameter_bytes_of(cfg, vocab, 8)
+    assert per_rank == per_rank_parameter_bytes(model, 8)
+    assert total / 8 <= per_rank <= total / 8 * 1.01  # padding of dim 0 costs < 1%
+    low, high = {"llama_1b": (0.5e9, 1.5e9), "llama_3b": (1.5e9, 4e9)}[name]
+    assert low * 4 / 8 < per_rank < high * 4 / 8, per_rank
+
+
+def test_fsdp_refuses_the_one_backward_update() -> None:
+    import functools
+
+    from dograph.distributed import DistContext
+    from dograph.dograph_mixer import DoGraphMixer
+    from dograph.objectives import UncertaintyObjective
+    from dograph.projection import KroneckerProjector
+    from dograph.signals import StepContext, build_step_runner
+
+    mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
+                         projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8)
+    ctx = StepContext(ddp_model(), mixer, DistContext(), 8, lambda: torch.autocast("cpu", enabled=False),
+                      sharded=True)
+    with pytest.raises(ConfigError, match="two_pass"):
+        build_step_runner(ctx, "fast")
+    build_step_runner(ctx, "two_pass")
+
+
+def test_checkpointed_blocks_keep_names_and_gradients() -> None:
+    """Activation checkpointing changes no parameter name and no gradient (one process)."""
+    from dograph.models import per_sample_loss
+    from dograph.parallel import checkpoint_blocks
+
+    batch = rank_batches(0, 0, 1)[0]
+    grads = []
+    for checkpointed in (False, True):
+        model = ddp_model()
+        names = [n for n, _ in model.named_parameters()]
+        if checkpointed:
+            assert checkpoint_blocks(model) == 2
+            assert [n for n, _ in model.named_parameters()] == names
+        per_sample_loss(model, batch.input_ids, batch.targets).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-7), name
+
+
+@pytest.mark.parametrize("weighted_update", ["fast", "two_pass"])
+def test_checkpointed_dograph_step_is_unchanged(weighted_update: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process: with activation checkpointing DoGraph's step gives the same gradients, each layer captured once."""
+    import functools
+
+    import dograph.capture as capture
+    from dograph.distributed import DistContext
+    from dograph.dograph_mixer import DoGraphMixer
+    from dograph.objectives import UncertaintyObjective
+    from dograph.parallel import checkpoint_blocks
+    from dograph.projection import KroneckerProjector
+    from dograph.signals import StepContext, build_step_runner
+
+    captured = [0]
+
+    class CountingCall(capture._Call):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            captured[0] += 1
+
+    monkeypatch.setattr(capture, "_Call", CountingCall)
+    results = []
+    for checkpointed in (False, True):
+        captured[0] = 0
+        model = ddp_model()
+        if checkpointed:
+            checkpoint_blocks(model)
+        mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
+                             projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
+                             domains=["a", "b", "c"])
+        runner = build_step_runner(StepContext(model, mixer, DistContext(), 8,
+                                               lambda: torch.autocast("cpu", enabled=False)), weighted_update)
+        grads = []
+        for step in range(3):
+            runner.run(step, rank_batches(step, 0, 1, 2, num_domains=3))
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            model.zero_grad(set_to_none=True)
+        results.append((grads, captured[0]))
+    assert results[0][1] == results[1][1] > 0
+    for step in range(3):
+        for name, grad in results[0][0][step].items():
+            assert torch.allclose(results[1][0][step][name], grad, rtol=1e-5, atol=1e-7), (step, name)
+
+
+# ---- slow: 2 gloo processes against one --------------------------------------------------------
+
+
+STEPS = 3
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro: int = 1,
+                checkpointed: bool = False) -> None:
+    """``STEPS`` clipped AdamW steps of ``kind`` on this rank's slice of fixed global batches; save parameters."""
+    import functools
+
+    from dograph.distributed import DistContext
+    from dograph.optim import build_optimizer
+    from dograph.parallel import checkpoint_blocks, shard_model
+    from dograph.projection import LayerProjection
+    from dograph.signals import StepContext, build_step_runner
+
+    join_gloo(rank, world, port)
+    dist = DistContext(rank=rank, world_size=world)
+    model = ddp_model()
+    if checkpointed:
+        checkpoint_blocks(model)
+    if world > 1:
+        shard_model(model, dist, mixed_precision=False)
+    if kind == "uniform":
+        from baselines.uniform import UniformMixer
+
+        mixer = UniformMixer(domains=["a", "b", "c"], natural_mixture=[1 / 3] * 3, dist=dist)
+    elif kind == "loss_based":
+        from baselines.loss_based import LossBasedMixer
+
+        mixer = LossBasedMixer(strategy="extremes", kl_reg=0.4, burn_in=1, domains=["a", "b", "c"], dist=dist)
+    else:
+        from dograph.dograph_mixer import DoGraphMixer
+        from dograph.objectives import UncertaintyObjective
+        from dograph.projection import KroneckerProjector
+
+        mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
+                             projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
+                             domains=["a", "b", "c"], dist=dist)
+    ctx = StepContext(model, mixer, dist, 8, lambda: torch.autocast("cpu", enabled=False), sharded=world > 1)
+    runner = build_step_runner(ctx, "two_pass")
+    optimizer = build_optimizer(model, TrainerConfig(lr=1e-3))
+    projected = [0]
+    project = LayerProjection.project
+
+    def counting(self, *args, **kwargs):
+        projected[0] += 1
+        return project(self, *args, **kwargs)
+
+    import dograph.capture as capture
+
+    captured = [0]
+    call_class = capture._Call
+
+    class CountingCall(call_class):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            captured[0] += 1
+
+    LayerProjection.project, capture._Call = counting, CountingCall
+    records = []
+    try:
+        for step in range(STEPS):
+            result = runner.run(step, rank_batches(step, rank, world, micro, num_domains=3))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            records.append({"params": {n: _full(p) for n, p in model.named_parameters()}, "norm": _full(norm),
+                            "loss": result.loss.clone(), "reweighted": result.weights is not None})
+    finally:
+        LayerProjection.project, capture._Call = project, call_class
+    torch.save({"steps": records, "projected": projected[0], "captured": captured[0]},
+               f"{out_dir}/{kind}_rank{rank}_world{world}_micro{micro}_ckpt{int(checkpointed)}.pt")
+    leave_gloo(world)
+
+
+def _compare(tmp_path: Path, kind: str, micro: int, checkpointed: bool) -> tuple[dict, list[dict]]:
+    import torch.multiprocessing as mp
+
+    _fsdp_steps(0, 1, 0, kind, str(tmp_path))
+    mp.spawn(_fsdp_steps, args=(2, free_port(), kind, str(tmp_path), micro, checkpointed), nprocs=2, join=True)
+    single = torch.load(tmp_path / f"{kind}_rank0_world1_micro1_ckpt0.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"{kind}_rank{r}_world2_micro{micro}_ckpt{int(checkpointed)}.pt",
+                        weights_only=False) for r in (0, 1)]
+    for step in range(STEPS):
+        expected = single["steps"][step]
+        for rank in ranks:
+            got = rank["steps"][step]
+            assert torch.allclose(got["norm"], expected["norm"], rtol=1e-5), (step, got["norm"], expected["norm"])
+            # atol 1e-5 = lr / 100: Adam divides by sqrt(v), so a gradient that is float noise (GPT-2's key
+            # bias: softmax ignores it) moves by a fraction of lr whatever its size; real gradients agree ~1e-7
+            for name, value in expected["params"].items():
+                assert torch.allclose(got["params"][name], value, rtol=1e-5, atol=1e-5), (step, name)
+    return single, ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "micro"), [("uniform", 1), ("uniform", 2), ("loss_based", 1),
+                                             ("loss_based", 2), ("dograph", 1), ("dograph", 2)])
+def test_fsdp_updates_equal_single_process(tmp_path: Path, kind: str, micro: int) -> None:
+    """Updated parameters after 3 clipped AdamW steps: FSDP on 2 ranks (x ``micro`` micro-batches) == one process."""
+    single, _ = _compare(tmp_path, kind, micro, checkpointed=False)
+    if kind != "uniform":  # past burn-in / warm-up, the mixer's weights were applied
+        assert any(step["reweighted"] for step in single["steps"])
+
+
+@pytest.mark.slow
+def test_fsdp_checkpointed_dograph_projects_each_layer_once(tmp_path: Path) -> None:
+    """With activation checkpointing the recomputed forward captures nothing: as many projections, same update."""
+    single, ranks = _compare(tmp_path, "dograph", 1, checkpointed=True)
+    # each rank projects its half of the samples' layers once per step, like the unsharded process
+    assert ranks[0]["projected"] == ranks[1]["projected"] == single["projected"] > 0
+    assert ranks[0]["captured"] == ranks[1]["captured"] == single["captured"] > 0  # forward hooks kept once
+
+
+# ---- slow: end to end with torchrun --------------------------------------------------------------
+
+
+def _launch(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO / "run.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=run_dir.parent)
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    from dograph.metrics import read_metrics
+
+    return [r["train/loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "trainer.weighted_update=two_pass",
+                                                       "mixer.buffer_size=8", "m=3"]], ids=["uniform", "dograph"])
+def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
+    """torchrun x 2 with model=llama_tiny: 4 steps straight == 2 steps, then resume for 2; the HF export is full."""
+    overrides = [*tiny_overrides, "model=llama_tiny", "trainer.parallelism=fsdp", *mixer, "trainer.max_steps=4",
+                 "trainer.log_every=1", "trainer.export_hf=true", f"paths.output_root={tmp_path / 'out'}"]
+    straight = _launch(tmp_path / "straight", overrides)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    first = _launch(tmp_path / "resumed", [*overrides, "trainer.stop_after_steps=2"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _launch(tmp_path / "resumed", [*overrides, "resume=true"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    losses = _train_losses(tmp_path / "straight")
+    assert len(losses) == 4 and losses == _train_losses(tmp_path / "resumed")
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "hf")
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    state = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000004.pt", weights_only=False)["model"]
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, state[name]), name  # the full, unsharded weights
+
+
+
+def test_the_default_weighted_update_is_two_pass_under_fsdp_and_fast_otherwise() -> None:
+    from dograph.config import TrainerConfig
+
+    assert TrainerConfig().weighted_update == "fast"
+    assert TrainerConfig(parallelism="fsdp").weighted_update == "two_pass"
+    assert TrainerConfig(parallelism="fsdp", weighted_update="fast").weighted_update == "fast"  # refused at the step
