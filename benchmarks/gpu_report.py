@@ -8,6 +8,10 @@ Parts, in this order (each guarded: a failing part is reported and the others st
   (``consistency.py``).
 * ``mfu``: uniform tokens/s, MFU (PaLM FLOPs accounting) and peak memory at gpt2_small and gpt2_medium,
   batch 48 x 512, bf16, eager and ``torch.compile`` (``mfu.py``).
+* ``pipeline``: the data pipeline's tokens/s, prefetch off and on (``data_pipeline.py``, the local corpus
+  with the GPT-2 tokenizer), against the gpt2_medium step's tokens/s from ``mfu``.
+* ``fsdp_memory``: per-rank parameter memory of the paper shapes under FSDP at 8 ranks, computed from
+  the shapes (FSDP on one GPU shards nothing, so it cannot be measured there).
 * ``projection``: the capturing projection vs the reference projector (``step_time.py --parts projection``).
 * ``kmeans``: K-means cold fit, warm refresh and assignment (``step_time.py --parts kmeans``).
 * ``solves``: the objective solve of every conf/objective (``step_time.py --parts solves``).
@@ -74,6 +78,8 @@ PARTS = (
     Part("steps", "step time: uniform vs DoGraph fast path vs two-pass", 200, 90, 40),
     Part("consistency", "DoGraph on the device vs on the CPU, fp32 losses", 90, 60, 15),
     Part("mfu", "uniform tokens/s, MFU and peak memory: gpt2_small, gpt2_medium, eager and compile", 150, 60, 30),
+    Part("pipeline", "data pipeline tokens/s (prefetch off/on) against what the step consumes", 60, 40, 15),
+    Part("fsdp_memory", "FSDP per-rank parameter memory of the paper shapes at 8 ranks (computed)", 20, 20, 3),
     Part("projection", "projection vs the reference projector", 120, 60, 25),
     Part("kmeans", "K-means cold fit, warm refresh, assignment", 60, 30, 10),
     Part("solves", "objective solves", 60, 30, 10),
@@ -190,6 +196,33 @@ def part_mfu(args: argparse.Namespace) -> dict[str, Any]:
     return mfu.run(mfu.parse_args(argv))
 
 
+def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    import data_pipeline
+
+    argv = ["--sources", "local-gpt2", "--repeats", "1", "--steps", "10"]
+    if args.quick:
+        argv += ["--batch", "4", "--seq", "32", "--steps", "3", "--warmup", "1"]
+    return data_pipeline.run(data_pipeline.parse_args(argv))
+
+
+def part_fsdp_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Computed, not measured: FSDP on one GPU shards nothing, so per-rank memory comes from the shapes."""
+    import torch
+    import yaml
+
+    from dograph.config import ModelConfig
+    from dograph.data.tokenizer import tokenizer_vocab_size
+    from dograph.parallel import per_rank_parameter_bytes_of
+
+    out = {}
+    for name in ("gpt2_small", "gpt2_medium", "llama_1b", "llama_3b"):
+        cfg = ModelConfig(**yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text()))
+        vocab = tokenizer_vocab_size(cfg.tokenizer)
+        out[name] = {str(w): per_rank_parameter_bytes_of(cfg, vocab, w, torch.float32) for w in (1, 8)}
+    print(json.dumps(out, indent=1), flush=True)
+    return {"fp32_parameter_bytes_per_rank": out, "kind": "computed from shapes (dim-0 shards, padded)"}
+
+
 def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
     import throughput
 
@@ -210,7 +243,8 @@ def part_consistency(args: argparse.Namespace) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "environment": part_environment, "steps": part_steps, "consistency": part_consistency,
-    "mfu": part_mfu, "projection": part_projection, "kmeans": part_kmeans, "solves": part_solves,
+    "mfu": part_mfu, "pipeline": part_pipeline, "fsdp_memory": part_fsdp_memory, "projection": part_projection,
+    "kmeans": part_kmeans, "solves": part_solves,
     "throughput": part_throughput}
 
 
@@ -439,6 +473,17 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         out[f"mfu_{key}"] = row.get("mfu")
         out[f"mfu_tokens_per_s_{key}"] = row["tokens_per_s"]
         out[f"mfu_peak_gib_{key}"] = row["peak_memory_bytes"] / 2**30 if row.get("peak_memory_bytes") else None
+    pipe = result(report, "pipeline")
+    for source, modes in (pipe.get("results") or {}).items():
+        on = modes.get(f"alone/prefetch={pipe['prefetch']}", {})
+        out["pipeline_source"] = source
+        out["pipeline_tokens_per_s"] = pipe["batch"] * pipe["seq"] / on["s_per_step"] if on else None
+        step = out.get("mfu_tokens_per_s_gpt2_medium_compile") or out.get("mfu_tokens_per_s_gpt2_medium_eager")
+        out["pipeline_need_tokens_per_s"] = step or pipe["need_tokens_per_s"]
+        out["pipeline_need_kind"] = "measured (mfu part, gpt2_medium)" if step else "computed estimate"
+    fsdp = result(report, "fsdp_memory").get("fp32_parameter_bytes_per_rank")
+    if fsdp:
+        out.update({f"fsdp8_param_gib_{name}": v["8"] / 2**30 for name, v in fsdp.items()})
     cons = result(report, "consistency")
     if "consistency" in report["parts"]:
         out["consistency_passed"] = bool(cons.get("passed", False))
@@ -508,6 +553,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{fmt(s[f'mfu_tokens_per_s_{key}'], '', 0)} / "
                      f"{fmt(100 * s[f'mfu_{key}'], '%', 1) if s.get(f'mfu_{key}') is not None else 'n/a'} / "
                      f"{fmt(s.get(f'mfu_peak_gib_{key}'), ' GiB', 1)}"))
+    if s.get("pipeline_tokens_per_s"):
+        rows.append((f"data pipeline tokens/s ({s['pipeline_source']}, prefetch on) / what the step consumes "
+                     f"({s['pipeline_need_kind']})",
+                     f"{fmt(s['pipeline_tokens_per_s'], '', 0)} / {fmt(s['pipeline_need_tokens_per_s'], '', 0)}"))
+    fsdp_keys = [k for k in s if k.startswith("fsdp8_param_gib_")]
+    if fsdp_keys:
+        rows.append(("FSDP, 8 ranks: fp32 parameters per rank (computed) " + " / ".join(k[16:] for k in fsdp_keys),
+                     " / ".join(fmt(s[k], " GiB") for k in fsdp_keys)))
     if "consistency_passed" in s:
         verdict = "PASS" if s["consistency_passed"] else "FAIL"
         detail = (f"max abs {s['consistency_max_abs_diff']:.2e}, max rel {s['consistency_max_rel_diff']:.2e} "

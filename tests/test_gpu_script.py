@@ -17,7 +17,8 @@ except ImportError:  # pip's own copy
     from pip._vendor.packaging.requirements import Requirement
 
 SCRIPT = REPO / "benchmarks" / "gpu.sh"
-PARTS = ("environment", "steps", "consistency", "mfu", "projection", "kmeans", "solves", "throughput")
+PARTS = ("environment", "steps", "consistency", "mfu", "pipeline", "fsdp_memory", "projection", "kmeans", "solves",
+         "throughput")
 
 
 def test_cpu_proof_writes_every_section(tmp_path) -> None:
@@ -47,6 +48,8 @@ def test_cpu_proof_writes_every_section(tmp_path) -> None:
     assert report["parts"]["throughput"]["result"]["results"]["trainer"]["tokens_per_s"] > 0
     mfu_rows = report["parts"]["mfu"]["result"]["rows"]
     assert mfu_rows[0]["tokens_per_s"] > 0 and mfu_rows[0]["mfu"] is None  # no peak FLOPs for a CPU
+    assert report["summary"]["pipeline_tokens_per_s"] > 0
+    assert 0.5 < report["summary"]["fsdp8_param_gib_llama_1b"] < 0.6  # 1.17B fp32 parameters / 8
     consistency = report["parts"]["consistency"]["result"]
     assert consistency["passed"] and consistency["weighted_steps"] > 0
     assert consistency["max_abs_diff"] == 0.0  # CPU against CPU: the same run
