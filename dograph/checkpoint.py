@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from dograph.errors import DataError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+SHARDS_SUFFIX = ".shards"  # step_<step>.shards/: an fsdp checkpoint's model and optimizer shards (DCP)
 
 
 def _fsync_write(path: Path, write) -> None:
@@ -39,6 +41,9 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     _fsync_write(directory / "latest", lambda handle: handle.write(path.name.encode()))
     for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
         old.unlink()
+        shards = old.with_suffix(SHARDS_SUFFIX)  # the sharded model/optimizer state of an fsdp checkpoint
+        if shards.is_dir():
+            shutil.rmtree(shards)
     return path
 
 

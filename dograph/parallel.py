@@ -20,14 +20,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from dograph.config import ModelConfig
-from dograph.distributed import DistContext
+from dograph.distributed import DistContext, barrier
 
 _RECOMPUTING = [0]  # depth of active recomputations (a list: mutable module state without `global`)
 
@@ -129,22 +131,6 @@ def per_rank_parameter_bytes_of(cfg: ModelConfig, vocab_size: int, world_size: i
     return per_rank_parameter_bytes(model, world_size, dtype)
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The unsharded model and optimizer state, on rank 0 in CPU memory (empty dicts on the others).
-
-    A collective: every rank must call it. ``get_model_state_dict`` / ``get_optimizer_state_dict``
-    with ``full_state_dict=True, cpu_offload=True`` (torch docs,
-    ``torch.distributed.checkpoint.state_dict``) all-gather one parameter at a time, so no rank holds
-    the whole model on the accelerator. The optimizer state is keyed by parameter names (FQNs),
-    not by position, which is why an fsdp checkpoint resumes only under fsdp.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
-
-
 def full_model_state_dict(model: nn.Module) -> dict[str, Any]:
     """The unsharded model state on rank 0 (CPU; empty on the others): what the HF export saves. A collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -152,11 +138,36 @@ def full_model_state_dict(model: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                          optimizer_state: dict[str, Any]) -> None:
-    """Shard a full model and optimizer state (every rank read the same checkpoint) into the FSDP model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, dist: DistContext) -> None:
+    """Each rank writes its own shards of the model and optimizer state into ``directory`` (a collective).
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    ``torch.distributed.checkpoint.save`` (DCP) of the sharded state dicts (``get_state_dict``, torch
+    docs): no rank gathers the whole model. Atomic as the other checkpoints: written into a temporary
+    directory, renamed by rank 0 once every rank has finished. Several nodes need a shared filesystem.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if dist.is_main and tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash
+    barrier(dist)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    barrier(dist)
+    if dist.is_main:
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.replace(directory)
+    barrier(dist)
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Read what :func:`save_sharded_state` wrote into the sharded model and optimizer (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

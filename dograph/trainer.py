@@ -18,11 +18,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dograph.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dograph.checkpoint import (
+    SHARDS_SUFFIX,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dograph.config import TrainerConfig
 from dograph.data.builder import RunData
 from dograph.distributed import DistContext, all_gather_objects
-from dograph.errors import ConfigError
+from dograph.errors import ConfigError, DataError
 from dograph.evaluation import evaluate
 from dograph.metrics import MetricAccumulator, MetricsWriter
 from dograph.mixing import Mixer
@@ -30,8 +37,8 @@ from dograph.optim import build_optimizer, learning_rate, set_learning_rate
 from dograph.parallel import (
     checkpoint_blocks,
     full_model_state_dict,
-    full_state_dicts,
-    load_full_state_dicts,
+    load_sharded_state,
+    save_sharded_state,
     shard_model,
 )
 from dograph.signals import StepContext, build_step_runner
@@ -110,19 +117,17 @@ class Trainer:
         self.state.weight_summary = self.weight_summary.state_dict()
         ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state(),
                                                "metrics": self.accumulator.state_dict()})
-        model_state, optimizer_state = self.state_dicts()  # every rank takes part under fsdp
+        if self.sharded:  # each rank writes its own shards first (a collective); the .pt names them
+            shards = self.ckpt_dir / f"step_{self.state.step:08d}{SHARDS_SUFFIX}"
+            save_sharded_state(self.model, self.optimizer, shards, self.dist)
+            weights = {"shards": shards.name}
+        else:
+            weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.dist.is_main:
-            state = {"trainer": self.state.__dict__.copy(), "model": model_state,
-                     "optimizer": optimizer_state, "mixer": self.mixer.state_dict(),
+            state = {"trainer": self.state.__dict__.copy(), **weights, "mixer": self.mixer.state_dict(),
                      "ranks": ranks, "parallelism": "fsdp" if self.sharded else "ddp"}
             save_checkpoint(self.ckpt_dir, self.state.step, state, keep=self.cfg.keep_checkpoints)
             self.mixer.save_artifacts(self.run_dir / "mixer")
-
-    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Model and optimizer state; under fsdp the full (unsharded) ones, on rank 0 (a collective)."""
-        if self.sharded:
-            return full_state_dicts(self.model, self.optimizer)
-        return self.model.state_dict(), self.optimizer.state_dict()
 
     def full_model_state(self) -> dict[str, Any] | None:
         """The unsharded model state on rank 0 under fsdp (a collective: every rank calls it); None otherwise."""
@@ -143,7 +148,10 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} was written with trainer.parallelism={written}; resume it with "
                               f"the same (its optimizer state is keyed differently)")
         if self.sharded:
-            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+            shards = path.parent / state["shards"]
+            if not shards.is_dir():
+                raise DataError(f"{path} names its shards {shards}, which are missing: the checkpoint is damaged")
+            load_sharded_state(self.model, self.optimizer, shards)
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

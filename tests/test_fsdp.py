@@ -293,7 +293,8 @@ def _train_losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "trainer.weighted_update=two_pass",
                                                        "mixer.buffer_size=8", "m=3"]], ids=["uniform", "dograph"])
 def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
-    """torchrun x 2 with model=llama_tiny: 4 steps straight == 2 steps, then resume for 2; the HF export is full."""
+    """torchrun x 2 with model=llama_tiny: 4 steps straight == 2 steps, then resume for 2 from sharded (DCP)
+    checkpoints; the HF export holds the full weights."""
     overrides = [*tiny_overrides, "model=llama_tiny", "trainer.parallelism=fsdp", *mixer, "trainer.max_steps=4",
                  "trainer.log_every=1", "trainer.export_hf=true", f"paths.output_root={tmp_path / 'out'}"]
     straight = _launch(tmp_path / "straight", overrides)
@@ -308,9 +309,15 @@ def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: P
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "hf")
     assert type(exported).__name__ == "LlamaForCausalLM"
-    state = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000004.pt", weights_only=False)["model"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoints = tmp_path / "straight" / "checkpoints"
+    assert torch.load(checkpoints / "step_00000004.pt", weights_only=False)["shards"] == "step_00000004.shards"
+    assert not list(checkpoints.glob(".*.tmp"))  # written atomically: no temporary directory left
+    dcp_to_torch_save(checkpoints / "step_00000004.shards", tmp_path / "gathered.pt")  # each rank wrote its shards
+    state = torch.load(tmp_path / "gathered.pt", weights_only=False)["model"]
     for name, value in exported.state_dict().items():
-        assert torch.equal(value, state[name]), name  # the full, unsharded weights
+        assert torch.equal(value, state[name]), name  # the export holds the full weights the shards hold
 
 
 
