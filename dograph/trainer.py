@@ -125,9 +125,14 @@ class Trainer:
             weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.dist.is_main:
             state = {"trainer": self.state.__dict__.copy(), **weights, "mixer": self.mixer.state_dict(),
-                     "ranks": ranks, "parallelism": "fsdp" if self.sharded else "ddp"}
+                     "ranks": ranks, "parallelism": self.parallelism}
             save_checkpoint(self.ckpt_dir, self.state.step, state, keep=self.cfg.keep_checkpoints)
             self.mixer.save_artifacts(self.run_dir / "mixer")
+
+    @property
+    def parallelism(self) -> str:
+        """What this run actually does (one process under ``fsdp`` shards nothing: ``ddp``)."""
+        return "fsdp" if self.sharded else "ddp"
 
     def full_model_state(self) -> dict[str, Any] | None:
         """The unsharded model state on rank 0 under fsdp (a collective: every rank calls it); None otherwise."""
@@ -144,7 +149,7 @@ class Trainer:
         self.state = TrainState(**state["trainer"])
         self.weight_summary = WeightSummary.from_state(self.state.weight_summary)
         written = state.get("parallelism", "ddp")
-        if written != ("fsdp" if self.sharded else "ddp"):
+        if written != self.parallelism:
             raise ConfigError(f"checkpoint {path} was written with trainer.parallelism={written}; resume it with "
                               f"the same (its optimizer state is keyed differently)")
         if self.sharded:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
-from experiments.render import NOT_AVAILABLE
-from experiments.scale import RunRequest, rows_for
+from experiments.render import NOT_AVAILABLE, Table
+from experiments.scale import RunRequest, Scale, method_requests, rows_for
 from experiments.stats import Estimate, mean_ci
 
 # The paper's names for the methods (docs/design.md section 3)
@@ -96,13 +97,21 @@ def downstream_columns(rows: pd.DataFrame) -> list[Column]:
     return columns
 
 
-def downstream_table_rows(index: pd.DataFrame, requests: Sequence[RunRequest], methods: Sequence[str],
-                          extra: Sequence[Column] = ()) -> tuple[list[str], list[list[str]], list[str]]:
-    """(header, rows, notes) of a methods x downstream-tasks table (Tables 1, 3, 4, 5)."""
-    rows = rows_for(index, list(requests))
-    columns = [*downstream_columns(rows), *extra]
+def scale_title(title: str, scale: Scale, setting: str) -> str:
+    """An artifact's title with the scale and the model and dataset standing for its paper setting."""
+    where = scale.setting(setting)
+    return f"{title} - scale {scale.name}: {where['model']} on {where['dataset']}"
+
+
+def write_downstream_table(name: str, title: str, setting: str, index: pd.DataFrame, scale: Scale, out_dir: Path,
+                           extra: Sequence[Column] = ()) -> list[Path]:
+    """A methods x downstream-tasks table (Tables 1, 3, 4, 5) over the method runs of one paper setting."""
+    requests = method_requests(scale, setting)
+    columns = [*downstream_columns(rows_for(index, requests)), *extra]
     notes = [CI_NOTE, *missing_note(index, requests)]
-    if not downstream_columns(rows):
+    if len(columns) == len(extra):
         notes.append("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns "
-                      "are not available; `python -m dograph.evaluate RUN_DIR eval=paper` adds them.")
-    return ["Method", *(c.header for c in columns)], method_rows(index, requests, columns, methods), notes
+                     "are not available; `python -m dograph.evaluate RUN_DIR eval=paper` adds them.")
+    rows = method_rows(index, requests, columns, scale.methods)
+    return Table(name, scale_title(title, scale, setting), ["Method", *(c.header for c in columns)], rows,
+                 notes).write(out_dir)

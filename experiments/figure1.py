@@ -16,7 +16,6 @@ checkpoint is the earliest of the ``trainer.keep_checkpoints`` newest ones: a ru
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -151,25 +150,4 @@ def draw(points: pd.DataFrame) -> Any:
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     run_dir = run_dir_of(index, ablation_dograph_request(scale))
     points = compute_points(run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv = out_dir / "figure1_points.csv"
-    points.to_csv(csv, index=False)
-    return [*save_figure(draw(points), out_dir, NAME), csv]
-
-
-def main() -> None:
-    from experiments.index import build_index
-    from experiments.scale import SCALES, load_scale
-
-    parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--scale", default="smoke", choices=SCALES)
-    parser.add_argument("--runs-root", help="read runs from here instead of the scale's runs_root")
-    parser.add_argument("--results-dir", help="write here instead of the scale's results_dir")
-    args = parser.parse_args()
-    scale = load_scale(args.scale, runs_root=args.runs_root, results_dir=args.results_dir)
-    for path in build(build_index([scale.runs_root]), scale, scale.results_dir):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()
+    return save_figure(draw(points), out_dir, NAME, {"points": points})

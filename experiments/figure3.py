@@ -19,7 +19,6 @@ domain: count, row share, ARI, NMI) and, with a checkpoint, ``figure3_buffer_poi
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -179,28 +178,5 @@ def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     domains = domains_of_run(run_dir, len(refreshes[0]["contingency"][0]))
     contingency = contingency_frame(refreshes, domains)
     points = buffer_points(run_dir, domains)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "figure3_contingency.csv"]
-    contingency.to_csv(written[0], index=False)
-    if points is not None:
-        written.append(out_dir / "figure3_buffer_points.csv")
-        points.to_csv(written[-1], index=False)
-    return [*save_figure(draw(contingency, points, domains), out_dir, NAME), *written]
-
-
-def main() -> None:
-    from experiments.index import build_index
-    from experiments.scale import SCALES, load_scale
-
-    parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--scale", default="smoke", choices=SCALES)
-    parser.add_argument("--runs-root", help="read runs from here instead of the scale's runs_root")
-    parser.add_argument("--results-dir", help="write here instead of the scale's results_dir")
-    args = parser.parse_args()
-    scale = load_scale(args.scale, runs_root=args.runs_root, results_dir=args.results_dir)
-    for path in build(build_index([scale.runs_root]), scale, scale.results_dir):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()
+    data = {"contingency": contingency, **({"buffer_points": points} if points is not None else {})}
+    return save_figure(draw(contingency, points, domains), out_dir, NAME, data)

@@ -45,6 +45,4 @@ def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     ax.set_ylabel("validation loss (natural-mixture average)")
     ax.set_title(f"{TITLE.split(': ')[1]} (scale {scale.name})", fontsize=9)
     ax.legend(fontsize=8)
-    paths = save_figure(fig, out_dir, NAME)
-    data.to_csv(out_dir / f"{NAME}_points.csv", index=False)
-    return [*paths, out_dir / f"{NAME}_points.csv"]
+    return save_figure(fig, out_dir, NAME, {"points": data})

@@ -44,6 +44,4 @@ def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     ax.set_title(f"{TITLE.split(': ')[1]} (scale {scale.name})", fontsize=9)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.legend(fontsize=8)
-    paths = save_figure(fig, out_dir, NAME)
-    data.to_csv(out_dir / f"{NAME}_times.csv", index=False)
-    return [*paths, out_dir / f"{NAME}_times.csv"]
+    return save_figure(fig, out_dir, NAME, {"times": data})

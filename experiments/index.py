@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -163,26 +162,7 @@ def complete(index: pd.DataFrame) -> pd.DataFrame:
     return index[index["status"] == "complete"] if len(index) else index
 
 
-def select(index: pd.DataFrame, **where: Any) -> pd.DataFrame:
-    """Complete runs whose identity columns equal ``where`` (``m=None`` matches anything)."""
-    frame = complete(index)
-    for key, value in where.items():
-        if value is None or key not in frame.columns:
-            continue
-        frame = frame[frame[key] == value]
-    return frame
-
-
 def domains_of(index: pd.DataFrame) -> list[str]:
     """Human domains with a validation loss column, in column order."""
     return [c.split("/")[1] for c in index.columns
             if c.startswith("val/") and c.endswith("/loss") and c.count("/") == 2 and "avg" not in c]
-
-
-def tasks_of(index: pd.DataFrame) -> list[str]:
-    """Downstream tasks with a score column, in column order."""
-    return [c.split("/")[1] for c in index.columns if c.startswith("downstream/") and c.endswith("/score")]
-
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

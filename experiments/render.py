@@ -64,8 +64,9 @@ def _tex(cell: Any) -> str:
     return text.replace("±", "$\\pm$")
 
 
-def save_figure(fig: Any, out_dir: Path, name: str) -> list[Path]:
-    """``<name>.png`` (150 dpi) and ``<name>.pdf``; closes the figure."""
+def save_figure(fig: Any, out_dir: Path, name: str, data: dict[str, Any] | None = None) -> list[Path]:
+    """``<name>.png`` (150 dpi) and ``<name>.pdf``, and each plotted frame of ``data`` as ``<name>_<key>.csv``
+    (so a notebook can redraw it); closes the figure."""
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,4 +74,7 @@ def save_figure(fig: Any, out_dir: Path, name: str) -> list[Path]:
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
+    for key, frame in (data or {}).items():
+        paths.append(out_dir / f"{name}_{key}.csv")
+        frame.to_csv(paths[-1], index=False)
     return paths

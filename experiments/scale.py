@@ -16,6 +16,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from experiments.index import complete
+
 REPO = Path(__file__).resolve().parent.parent
 SCALES = ("smoke", "cpu", "paper")
 DEFAULT_OBJECTIVE = "uncertainty"  # conf/config.yaml
@@ -124,7 +126,7 @@ def find_run(index: pd.DataFrame, request: RunRequest) -> pd.DataFrame:
     """The complete runs in ``index`` that are ``request`` (newest last)."""
     if index.empty or "status" not in index.columns:
         return index.iloc[0:0]
-    frame = index[index["status"] == "complete"]
+    frame = complete(index)
     for key, value in request.identity().items():
         if key not in frame.columns:
             return frame.iloc[0:0]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import downstream_table_rows
-from experiments.render import Table
+from experiments.common import write_downstream_table
 from experiments.scale import RunRequest, Scale, method_requests
 
 NAME = "table1"
@@ -20,7 +19,4 @@ def requests(scale: Scale) -> list[RunRequest]:
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
-    where = scale.setting(SETTING)
-    header, rows, notes = downstream_table_rows(index, requests(scale), scale.methods)
-    title = f"{TITLE} - scale {scale.name}: {where['model']} on {where['dataset']}"
-    return Table(NAME, title, header, rows, notes).write(out_dir)
+    return write_downstream_table(NAME, TITLE, SETTING, index, scale, out_dir)

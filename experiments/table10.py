@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import CI_NOTE, Column, estimate, metric, missing_note, ppl_of
+from experiments.common import CI_NOTE, Column, estimate, metric, missing_note, ppl_of, scale_title
 from experiments.render import NOT_AVAILABLE, Table
 from experiments.scale import RunRequest, Scale, rows_for
 
@@ -28,7 +28,6 @@ def requests(scale: Scale) -> list[RunRequest]:
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
-    where = scale.setting(SETTING)
     rows = []
     for objective in scale.objectives:
         runs = rows_for(index, [r for r in requests(scale) if r.objective == objective])
@@ -38,6 +37,6 @@ def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     notes = [CI_NOTE, "The last column is the paper's (their Table 10), not measured here.",
              "Solve time: mixer/time_solve_s (the simplex problem, CVXPY) averaged over the logged steps.",
              *missing_note(index, requests(scale))]
-    title = f"{TITLE} - scale {scale.name}: {where['model']} on {where['dataset']}"
+    title = scale_title(TITLE, scale, SETTING)
     header = ["Objective", *(c.header for c in COLUMNS), "Paper's PPL (GPT-2, SlimPajama)"]
     return Table(NAME, title, header, rows, notes).write(out_dir)

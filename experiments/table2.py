@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import CI_NOTE, Column, method_rows, metric, missing_note, ppl_of
+from experiments.common import CI_NOTE, Column, method_rows, metric, missing_note, ppl_of, scale_title
 from experiments.index import domains_of
 from experiments.render import Table
 from experiments.scale import RunRequest, Scale, method_requests, rows_for
@@ -25,7 +25,6 @@ def requests(scale: Scale) -> list[RunRequest]:
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
-    where = scale.setting(SETTING)
     runs = rows_for(index, requests(scale))
     domains = domains_of(runs.dropna(axis=1, how="all")) if not runs.empty else []
     columns = [Column(d, metric(f"val/{d}/loss"), 3) for d in domains]
@@ -34,5 +33,5 @@ def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     notes = [CI_NOTE, "Loss: mean token cross-entropy in nats; Avg: weighted by the natural mixture; "
              "PPL = exp(Avg loss).", *missing_note(index, requests(scale))]
     rows = method_rows(index, requests(scale), columns, scale.methods)
-    title = f"{TITLE} - scale {scale.name}: {where['model']} on {where['dataset']}"
+    title = scale_title(TITLE, scale, SETTING)
     return Table(NAME, title, ["Method", *(c.header for c in columns)], rows, notes).write(out_dir)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import Column, downstream_table_rows, metric
-from experiments.render import Table
+from experiments.common import Column, metric, write_downstream_table
 from experiments.scale import RunRequest, Scale, method_requests
 
 NAME = "table4"
@@ -20,8 +19,5 @@ def requests(scale: Scale) -> list[RunRequest]:
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
-    where = scale.setting(SETTING)
-    loss = Column("Val loss (avg)", metric("val/avg_loss"), 3)
-    header, rows, notes = downstream_table_rows(index, requests(scale), scale.methods, extra=[loss])
-    title = f"{TITLE} - scale {scale.name}: {where['model']} on {where['dataset']}"
-    return Table(NAME, title, header, rows, notes).write(out_dir)
+    return write_downstream_table(NAME, TITLE, SETTING, index, scale, out_dir,
+                                  extra=[Column("Val loss (avg)", metric("val/avg_loss"), 3)])
