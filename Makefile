@@ -14,7 +14,7 @@ SCALE ?= smoke
 ARTIFACTS := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 \
 	figure1 figure2 figure3 figure4 figure5
 
-.PHONY: help install demo test test-all lint clean distclean bench gpu-wheels bench-gpu paper $(ARTIFACTS) clean-results
+.PHONY: help install demo test test-all lint clean distclean bench bench-fsdp gpu-wheels bench-gpu paper $(ARTIFACTS) clean-results
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,10 @@ lint: $(STAMP)  ## ruff
 bench: $(STAMP)  ## Benchmarks: trainer vs plain loop; DoGraph step, projection, K-means and solve costs
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/step_time.py
+
+bench-fsdp: $(STAMP)  ## DoGraph's one-backward vs two-pass update under FSDP2, 2 gloo ranks on the CPU (NPROC=, ARGS=)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(or $(NPROC),2) \
+		benchmarks/fsdp_step.py --device cpu $(ARGS)
 
 gpu-wheels:  ## Download the wheels an offline CUDA machine lacks into .gpu_wheels (cp312, about 26 MiB)
 	bash benchmarks/gpu.sh fetch

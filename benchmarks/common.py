@@ -321,7 +321,10 @@ def trainer_config(args: Any, device: torch.device, weighted_update: str = "fast
     return TrainerConfig(max_steps=10**9, batch_size=args.batch, seq_len=args.seq, lr=lr, min_lr=min(lr, 1e-4),
                          warmup_steps=1,
                          eval_every=0, ckpt_every=0, precision=args.precision, device=device.type,
-                         weighted_update=weighted_update, export_hf=False, progress=False)
+                         weighted_update=weighted_update, export_hf=False, progress=False,
+                         micro_batch_size=getattr(args, "micro_batch", None),
+                         parallelism=getattr(args, "parallelism", "ddp"),
+                         activation_checkpointing=getattr(args, "activation_checkpointing", False))
 
 
 RANDOM_DOMAINS = ("d0", "d1", "d2")  # the domain labels precompute_batches gives random batches
@@ -335,14 +338,17 @@ def random_corpus() -> Any:
 
 
 def make_trainer(args: Any, device: torch.device, model: torch.nn.Module, mixer: Mixer, sampler: Any,
-                 workdir: Path, *, weighted_update: str = "fast", run_data: RunData | None = None) -> Trainer:
-    """A real dograph Trainer around ``model`` and ``mixer``; ``sampler`` replaces the data sampler."""
+                 workdir: Path, *, weighted_update: str = "fast", run_data: RunData | None = None,
+                 dist: DistContext | None = None) -> Trainer:
+    """A real dograph Trainer around ``model`` and ``mixer``; ``sampler`` replaces the data sampler.
+
+    ``dist``: the process group's context under torchrun (default: one process on ``device``)."""
     data = RunData(corpus=run_data.corpus if run_data else random_corpus(),
                    tokenizer=run_data.tokenizer if run_data else None, sampler=sampler, validation=[])
     run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="run-"))
     writer = MetricsWriter(run_dir, LoggerConfig(mode="disabled"), enabled=False, config={}, run_name="bench")
     return Trainer(trainer_config(args, device, weighted_update), model, data, mixer,
-                   dist=DistContext(device=device), run_dir=run_dir, writer=writer)
+                   dist=dist or DistContext(device=device), run_dir=run_dir, writer=writer)
 
 
 # ---- output -----------------------------------------------------------------------------------------

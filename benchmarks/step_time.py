@@ -79,7 +79,7 @@ from baselines.uniform import UniformMixer
 from dograph.capture import GradientCapture
 from dograph.clustering import KMeansClusterer
 from dograph.data.sampler import Batch
-from dograph.distributed import DistContext
+from dograph.distributed import DistContext, broadcast
 from dograph.dograph_mixer import DoGraphMixer
 from dograph.models import count_parameters, per_sample_loss
 from dograph.objectives import ObjectiveInputs
@@ -168,17 +168,18 @@ def build_mixer(args: argparse.Namespace, device: torch.device, data: BenchData)
 
 
 def fill_buffer(trainer: Trainer, mixer: DoGraphMixer, limit: int, frozen: bool) -> int:
-    """Real fast-path steps until the mixer has clustered and weighed a step; returns the count.
+    """Real steps until the mixer has clustered and weighed a step; returns the count.
 
     ``frozen``: the learning rate is 0 while filling (the full step still runs), so the buffer holds
-    gradients of one model and K-means groups them by content rather than by training time.
+    gradients of one model and K-means groups them by content rather than by training time. Under
+    torchrun only rank 0 keeps the history, so its answer is broadcast (every rank takes as many steps).
     """
     saved = trainer.cfg.lr, trainer.cfg.min_lr
     if frozen:
         trainer.cfg.lr = trainer.cfg.min_lr = 0.0
     steps = 0
     try:
-        while not mixer.history.steps:
+        while not weighed(mixer, trainer.dist):
             if steps >= limit:
                 raise RuntimeError(f"the DoGraph mixer still weighs uniformly after {steps} steps")
             trainer.train_step()
@@ -187,6 +188,12 @@ def fill_buffer(trainer: Trainer, mixer: DoGraphMixer, limit: int, frozen: bool)
         trainer.cfg.lr, trainer.cfg.min_lr = saved
     trainer.accumulator.flush()
     return steps
+
+
+def weighed(mixer: DoGraphMixer, dist: DistContext) -> bool:
+    """Whether the mixer has weighed a step (rank 0's history, broadcast to every rank)."""
+    flag = torch.tensor([float(bool(mixer.history.steps))], device=dist.device)
+    return bool(broadcast(dist, flag).item())
 
 
 def sync_state(source: Trainer, targets: list[Trainer]) -> None:

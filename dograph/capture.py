@@ -28,7 +28,7 @@ inputs and output-grads only (no projected blocks).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from dograph.distributed import DistContext, all_reduce_sum
 from dograph.errors import ConfigError
-from dograph.parallel import is_recomputing
+from dograph.parallel import ShardedGradientReducer, is_recomputing, unsharded
 from dograph.projection import BoundProjection, LayerProjection, is_linear
 from dograph.timing import StepTimer
 
@@ -92,6 +92,7 @@ class _Hooked:
     module: nn.Module
     projection: LayerProjection | None
     calls: list[_Call] = field(default_factory=list)
+    param_dtypes: dict[str, torch.dtype] | None = None  # its own parameters' dtypes as its forward saw them
 
 
 class GradientCapture:
@@ -174,6 +175,8 @@ class GradientCapture:
                 return None
             call = _Call(tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
             hooked.calls.append(call)
+            if hooked.param_dtypes is None:  # FSDP's mixed precision: bf16 here, fp32 in the sharded master
+                hooked.param_dtypes = {n: p.dtype for n, p in module.named_parameters(recurse=False)}
             if not output.requires_grad:  # a first layer: its inputs carry no grad, params are frozen
                 output.requires_grad_(True)
             if output.ndim > 0 and output.shape[0] == 1 and self.batch_size > 1:
@@ -200,33 +203,89 @@ class GradientCapture:
         return hook
 
     # ---- the deferred weighted gradient ---------------------------------------------------------
-    def apply_weights(self, weights: list[Tensor]) -> None:
-        """Add ``sum_i v_i g_i`` to every parameter's ``.grad``; ``weights[j]`` is micro-batch j's [b]."""
+    def apply_weights(self, weights: list[Tensor], reducer: ShardedGradientReducer | None = None) -> None:
+        """Add ``sum_i v_i g_i`` to every parameter's ``.grad``; ``weights[j]`` is micro-batch j's [b].
+
+        Without ``reducer`` each parameter's local gradient goes to its ``.grad`` (the caller sums over
+        ranks). Under FSDP (``reducer``) each parameter's whole local gradient is handed to it as soon as
+        every module that uses it is done, and it reduce-scatters them into the sharded ``.grad``: at most
+        one bucket of whole gradients is alive at a time, never the whole model's.
+        """
         if len(weights) != len(self.micro):
             raise RuntimeError(f"{len(weights)} weight vectors for {len(self.micro)} captured micro-batches")
-        for micro_calls, v in zip(self.micro, weights, strict=True):
-            for hooked, calls in zip(self.hooked, micro_calls, strict=True):
-                for call in calls:
+
+        def contributions(index: int, hooked: _Hooked) -> Iterator[tuple[nn.Parameter, Tensor]]:
+            params = None  # the module's own parameters as its forward saw them, gathered once
+            for micro_calls, v in zip(self.micro, weights, strict=True):
+                for call in micro_calls[index]:
                     if call.output_grad is None:  # the module's output did not reach the loss
                         continue
                     if is_linear(hooked.module):
-                        _linear_grads(hooked.module, call.args[0], call.output_grad, v)
-                    else:
-                        scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
-                        _module_grads(hooked.module, call, call.output_grad * scale)
-        self.micro = []
-        self._check_every_gradient()
+                        yield from _linear_grads(hooked.module, call.args[0], call.output_grad, v)
+                        continue
+                    if params is None:
+                        params = _forward_params(hooked)
+                    scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
+                    yield from _module_grads(hooked.module, call, call.output_grad * scale, params)
 
-    def _check_every_gradient(self) -> None:
-        """Stop, naming them, if trainable parameters got no gradient (never lose one silently)."""
-        missing = [name for name, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
-        if not missing:
-            return
+        missing = []
+        for param, grad in self._per_parameter(contributions, lambda p, value: value.to(p.dtype)):
+            if grad is None:
+                missing.append(param)
+                if reducer is not None:  # the same on every rank (the model's structure): stop before reducing
+                    break
+            elif reducer is not None:
+                reducer.add(param, grad)
+            else:
+                param.grad = grad if param.grad is None else param.grad + grad
+        if reducer is not None and not missing:
+            reducer.flush()
+        self.micro = []
+        if missing:
+            self._raise_missing(missing)
+
+    def _raise_missing(self, params: list[nn.Parameter]) -> None:
+        """Stop, naming them: trainable parameters that got no gradient (never lose one silently)."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        missing = [names[id(p)] for p in params]
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         cause = (f"; modules whose output is not a Tensor: {', '.join(sorted(self.non_tensor_outputs))}"
                  if self.non_tensor_outputs else "")
         raise ConfigError(f"the one-backward weighted update formed no gradient for {shown}{cause}: "
                           "use trainer.weighted_update=two_pass, or freeze those parameters")
+
+    def _per_parameter(self, contributions: Callable[[int, _Hooked], Iterable[tuple[nn.Parameter, Tensor]]],
+                       convert: Callable[[nn.Parameter, Tensor], Tensor] = lambda p, value: value,
+                       ) -> Iterator[tuple[nn.Parameter, Tensor | None]]:
+        """Each trainable parameter once, with the sum of its modules' ``contributions`` (None: none here).
+
+        The modules are visited so that parameters finish one after another (the modules sharing a
+        tied parameter consecutively), in the model's order on every rank; a parameter is yielded as
+        soon as every module that uses it is done, so its sum can be used and dropped at once.
+        ``convert`` is applied to each contribution before it is summed.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]  # unique, in the model's order
+        owners: dict[int, list[int]] = {id(p): [] for p in params}
+        for index, hooked in enumerate(self.hooked):
+            for p in hooked.module.parameters(False):
+                if id(p) in owners:
+                    owners[id(p)].append(index)
+        order: list[int] = []
+        for p in params:
+            order.extend(i for i in owners[id(p)] if i not in order)
+        remaining = {key: len(value) for key, value in owners.items()}
+        pending: dict[int, Tensor] = {}
+        for index in order:
+            hooked = self.hooked[index]
+            for p, value in contributions(index, hooked):
+                value = convert(p, value)  # every contribution is a fresh tensor: summed in place
+                pending[id(p)] = value if id(p) not in pending else pending[id(p)].add_(value)
+            for p in hooked.module.parameters(False):
+                if id(p) not in remaining:
+                    continue
+                remaining[id(p)] -= 1
+                if remaining[id(p)] == 0:
+                    yield p, pending.pop(id(p), None)
 
     # ---- the Gram of weighted gradients (DoGE) --------------------------------------------------
     def weighted_gram(self, weights: list[Tensor], dist: DistContext | None = None) -> Tensor:
@@ -255,17 +314,6 @@ class GradientCapture:
         for w in weights:
             supports.append(_Support.of(w, support_mask[:, start:start + w.shape[1]]))
             start += w.shape[1]
-        params = [p for p in self.model.parameters() if p.requires_grad]  # unique, in the model's order
-        owners: dict[int, list[int]] = {id(p): [] for p in params}
-        for index, hooked in enumerate(self.hooked):
-            for p in hooked.module.parameters(False):
-                if id(p) in owners:
-                    owners[id(p)].append(index)
-        order: list[int] = []  # modules sharing a parameter (tied embeddings) one after the other
-        for p in params:
-            order.extend(i for i in owners[id(p)] if i not in order)
-        remaining = {key: len(value) for key, value in owners.items()}
-        pending: dict[int, Tensor] = {}
         gram = torch.zeros(num, num, dtype=torch.float64, device=self.device)
         bucket: list[Tensor] = []  # finished [D, n] stacks, reduced and multiplied together (fewer, larger ops)
 
@@ -277,50 +325,51 @@ class GradientCapture:
             bucket.clear()
             gram += _gram_of(flat)
 
-        for index in order:
-            hooked = self.hooked[index]
-            for key, stack in self._domain_grads(index, hooked, weights, supports).items():
-                pending[key] = stack if key not in pending else pending[key].add_(stack)
-            for p in hooked.module.parameters(False):
-                if id(p) not in remaining:
-                    continue
-                remaining[id(p)] -= 1
-                if remaining[id(p)] == 0:  # every contribution is in: to the bucket (every rank, same order)
-                    stack = pending.pop(id(p), None)
-                    if stack is None:  # no contribution on this rank
-                        stack = torch.zeros(num, p.numel(), dtype=torch.float32, device=self.device)
-                    bucket.append(stack.reshape(num, -1))
-                    if sum(b.shape[1] for b in bucket) >= GRAM_CHUNK:
-                        flush()
+        def contributions(index: int, hooked: _Hooked) -> Iterator[tuple[nn.Parameter, Tensor]]:
+            return self._domain_grads(index, hooked, weights, supports)
+
+        for p, stack in self._per_parameter(contributions):  # every rank, same order
+            if stack is None:  # no contribution on this rank
+                stack = torch.zeros(num, p.numel(), dtype=torch.float32, device=self.device)
+            bucket.append(stack.reshape(num, -1))
+            if sum(b.shape[1] for b in bucket) >= GRAM_CHUNK:
+                flush()
         flush()
         return gram
 
     def _domain_grads(self, index: int, hooked: _Hooked, weights: list[Tensor], supports: list[_Support]
-                      ) -> dict[int, Tensor]:
-        """Float32 ``[D, *shape]`` stacks of this module's trainable parameters (by ``id``), summed over calls."""
-        out: dict[int, Tensor] = {}
-
-        def add(pairs: list[tuple[nn.Parameter, Tensor]]) -> None:
-            for p, value in pairs:
-                out[id(p)] = value if id(p) not in out else out[id(p)] + value
-
+                      ) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Float32 ``[D, *shape]`` stacks of this module's trainable parameters, one per call."""
+        params = None  # the module's own parameters as its forward saw them, gathered once
         for micro_calls, w, support in zip(self.micro, weights, supports, strict=True):
             for call in micro_calls[index]:
                 if call.output_grad is None:  # the module's output did not reach the loss
                     continue
                 if is_linear(hooked.module):
-                    add(_linear_domain_grads(hooked.module, call.args[0], call.output_grad, w, support))
-                else:
-                    add(_module_domain_grads(hooked.module, call, w, support))
-        return out
+                    yield from _linear_domain_grads(hooked.module, call.args[0], call.output_grad, w, support)
+                    continue
+                if params is None:
+                    params = _forward_params(hooked)
+                yield from _module_domain_grads(hooked.module, call, w, support, params)
 
 
-def _accumulate(param: nn.Parameter, value: Tensor) -> None:
-    value = value.to(param.dtype)
-    param.grad = value if param.grad is None else param.grad + value
+def _forward_params(hooked: _Hooked) -> dict[str, Tensor]:
+    """A module's own parameters by name, as its forward saw them, for a local re-forward.
+
+    Whole (all-gathered from FSDP's shards: a collective, so every rank asks for the same modules in
+    the same order), detached, in the dtype of the forward (FSDP's bf16 under mixed precision); the
+    trainable ones require grad. The parameters' own ``requires_grad`` flags are never touched.
+    """
+    dtypes = hooked.param_dtypes or {}
+    out = {}
+    for name, p in hooked.module.named_parameters(recurse=False):
+        whole = unsharded(p).detach()
+        out[name] = whole.to(dtypes.get(name, whole.dtype)).requires_grad_(p.requires_grad)
+    return out
 
 
-def _linear_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, v: Tensor) -> None:
+def _linear_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, v: Tensor
+                  ) -> list[tuple[nn.Parameter, Tensor]]:
     """Weight (and bias) gradient ``Delta^T diag(v) A`` of a Linear/Conv1D.
 
     ``v`` scales whichever side is narrower (the inputs of the output head rather than its
@@ -333,32 +382,26 @@ def _linear_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, v: Ten
         a, d_weighted = a * per_row, d
     else:
         d_weighted = d * per_row
-    weight_grad = a.t() @ d_weighted if isinstance(module, Conv1D) else d_weighted.t() @ a
-    _accumulate(module.weight, weight_grad)
+    out = [(module.weight, a.t() @ d_weighted if isinstance(module, Conv1D) else d_weighted.t() @ a)]
     if module.bias is not None:
-        _accumulate(module.bias, (per_row.t() @ d).squeeze(0))
+        out.append((module.bias, (per_row.t() @ d).squeeze(0)))
+    return out
 
 
-def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor) -> None:
-    """Gradients of a small module's own parameters by a local re-forward and vjp."""
-    params = list(module.parameters(False))
-    flags = [p.requires_grad for p in params]  # restored exactly afterwards (a frozen one stays frozen)
+def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor, params: dict[str, Tensor]
+                  ) -> list[tuple[nn.Parameter, Tensor]]:
+    """Gradients of a small module's trainable parameters by a local re-forward (``params``) and vjp."""
+    trainable = [name for name, value in params.items() if value.requires_grad]
+    if not trainable:
+        return []
     with torch.enable_grad():
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            output = module(*call.args, **call.kwargs)
-            if output.shape != scaled_grad.shape:  # an output the forward hook expanded over the batch
-                scaled_grad = scaled_grad.sum(0, keepdim=True)
-            grads = torch.autograd.grad(output, params, grad_outputs=scaled_grad.to(output.dtype),
-                                        allow_unused=True)
-        finally:
-            for p, flag in zip(params, flags, strict=True):
-                p.requires_grad_(flag)
-    grads = [g if flag else None for g, flag in zip(grads, flags, strict=True)]
-    for p, g in zip(params, grads, strict=True):
-        if g is not None:
-            _accumulate(p, g)
+        output = torch.func.functional_call(module, params, call.args, call.kwargs)
+        if output.shape != scaled_grad.shape:  # an output the forward hook expanded over the batch
+            scaled_grad = scaled_grad.sum(0, keepdim=True)
+        grads = torch.autograd.grad(output, [params[name] for name in trainable],
+                                    grad_outputs=scaled_grad.to(output.dtype), allow_unused=True)
+    own = dict(module.named_parameters(recurse=False))
+    return [(own[name], g) for name, g in zip(trainable, grads, strict=True) if g is not None]
 
 
 def _gram_of(flat: Tensor) -> Tensor:
@@ -416,20 +459,22 @@ def _linear_domain_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor,
     return out
 
 
-def _module_domain_grads(module: nn.Module, call: _Call, w: Tensor, support: _Support
+def _module_domain_grads(module: nn.Module, call: _Call, w: Tensor, support: _Support, params: dict[str, Tensor]
                          ) -> list[tuple[nn.Parameter, Tensor]]:
     """``[D, ...]`` gradients of a small module's trainable parameters: one local re-forward, one vjp per domain.
 
     Domain d's vjp takes the ``W[d]``-scaled output-grads (zero outside its samples). Norms and
-    embeddings are light, so D full-batch vjps cost little and keep the operations few.
+    embeddings are light, so D full-batch vjps cost little and keep the operations few. ``params``:
+    :func:`_forward_params` (outside ``capturing()`` the trainable ones require grad).
     """
-    params = [p for p in module.parameters(False) if p.requires_grad]  # outside capturing(): the trainable ones
-    if not params:
+    trainable = [name for name, value in params.items() if value.requires_grad]
+    if not trainable:
         return []
+    inputs = [params[name] for name in trainable]
     num, grad = w.shape[0], call.output_grad
-    stacks = [torch.empty(num, *p.shape, dtype=torch.float32, device=p.device) for p in params]
+    stacks = [torch.empty(num, *t.shape, dtype=torch.float32, device=t.device) for t in inputs]
     with torch.enable_grad():
-        output = module(*call.args, **call.kwargs)
+        output = torch.func.functional_call(module, params, call.args, call.kwargs)
         for k in range(num):
             if support.rows[k].numel() == 0:
                 for stack in stacks:
@@ -438,11 +483,12 @@ def _module_domain_grads(module: nn.Module, call: _Call, w: Tensor, support: _Su
             scaled = grad * w[k].to(grad.dtype).view(-1, *([1] * (grad.ndim - 1)))
             if output.shape != scaled.shape:  # an output the forward hook expanded over the batch
                 scaled = scaled.sum(0, keepdim=True)
-            grads = torch.autograd.grad(output, params, grad_outputs=scaled.to(output.dtype), retain_graph=True,
+            grads = torch.autograd.grad(output, inputs, grad_outputs=scaled.to(output.dtype), retain_graph=True,
                                         allow_unused=True)
             for stack, g in zip(stacks, grads, strict=True):
                 if g is None:
                     stack[k].zero_()
                 else:
                     stack[k] = g
-    return list(zip(params, stacks, strict=True))
+    own = dict(module.named_parameters(recurse=False))
+    return [(own[name], stack) for name, stack in zip(trainable, stacks, strict=True)]

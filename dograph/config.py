@@ -123,7 +123,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (GPU)
     device: str = "auto"  # auto | cpu | cuda
     prefetch: int = 2  # steps of windows packed ahead on a background thread; 0 = on the training thread
-    weighted_update: str = "auto"  # fast (one backward) | two_pass (reference) | auto: fast, two_pass under fsdp
+    weighted_update: str = "auto"  # fast (one backward) | two_pass | auto: fast, two_pass with activation_checkpointing
     export_hf: bool = True  # save_pretrained of model and tokenizer at the end
     progress: bool = True  # progress bar
     stop_after_steps: int | None = None  # exit (checkpointed) after this many steps: simulates a kill
@@ -142,8 +142,10 @@ class TrainerConfig:
         _require_choice(self.device, "trainer.device", ("auto", "cpu", "cuda"))
         _require_choice(self.weighted_update, "trainer.weighted_update", ("auto", "fast", "two_pass"))
         _require_choice(self.parallelism, "trainer.parallelism", ("ddp", "fsdp"))
-        if self.weighted_update == "auto":  # the one-backward update is not built for sharded parameters yet
-            self.weighted_update = "two_pass" if self.parallelism == "fsdp" else "fast"
+        if self.weighted_update == "auto":
+            # the one-backward update keeps every layer's inputs and output-grads until the step is weighed,
+            # which is the memory activation checkpointing is asked to save (docs/design.md section 2.5)
+            self.weighted_update = "two_pass" if self.activation_checkpointing else "fast"
         _require(not (self.parallelism == "fsdp" and self.compile), "trainer.compile",
                  "is not supported with trainer.parallelism=fsdp (set trainer.compile=false)", self.compile)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dograph.config import ModelConfig
 from dograph.distributed import DistContext, barrier
@@ -171,3 +171,74 @@ def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, direc
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def unsharded(param: Tensor) -> Tensor:
+    """The whole parameter: all-gathered from its shards if it is a ``DTensor`` (a collective), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+class ShardedGradientReducer:
+    """Sums full-shape gradients formed outside autograd over ranks into FSDP2's sharded ``.grad`` (in buckets).
+
+    DoGraph's one-backward update forms each weight gradient ``Delta^T diag(v) A`` whole, from what the
+    capture kept; FSDP's own reduce-scatter never sees it. This does what FSDP does after a backward:
+    each gradient, cast to the parameter's dtype (FSDP2's fp32 ``reduce_dtype``), padded on dim 0 to
+    ``ceil(dim0 / world) * world`` rows and cut into ``world`` equal chunks (``torch.chunk``, FSDP2's
+    ``Shard(0)`` layout); the chunks of several gradients are laid out rank-major in one flat buffer,
+    and one reduce-scatter (SUM: the sample weights already sum to 1 over the global batch)
+    leaves each rank the sum of its own chunks. Buckets of about ``bucket_bytes``, flushed in the same
+    order on every rank; ``add`` calls must come in the same parameter order on every rank.
+    """
+
+    def __init__(self, bucket_bytes: int = 25 * 2**20) -> None:
+        self.bucket_bytes = bucket_bytes
+        self.pending: list[tuple[nn.Parameter, Tensor]] = []
+        self.size = 0
+
+    def add(self, param: nn.Parameter, grad: Tensor) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+            raise TypeError(f"expected a parameter sharded by fully_shard (DTensor, Shard(0)); got "
+                            f"{type(param).__name__} {getattr(param, 'placements', '')}")
+        if tuple(grad.shape) != tuple(param.shape):
+            raise ValueError(f"gradient of shape {tuple(grad.shape)} for a parameter of shape {tuple(param.shape)}")
+        grad = grad.to(param.dtype)
+        self.pending.append((param, grad))
+        self.size += grad.numel() * grad.element_size()
+        if self.size >= self.bucket_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce-scatter what is pending (every rank calls it at the same point)."""
+        import torch.distributed as torch_dist
+        from torch.distributed.tensor import DTensor
+
+        if not self.pending:
+            return
+        mesh = self.pending[0][0].device_mesh
+        world = mesh.size()
+        chunks = []  # per gradient: [world, rows * rest], row r = rank r's chunk (zero padding at the end)
+        for param, grad in self.pending:
+            rows = math.ceil(param.shape[0] / world)
+            padded = grad.new_zeros(rows * world, *param.shape[1:])
+            padded[:param.shape[0]] = grad
+            chunks.append(padded.reshape(world, -1))
+        flat = torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0].contiguous()
+        out = flat.new_empty(flat.shape[1])
+        # reduce_scatter_single: torch >= 2.13's name for reduce_scatter_tensor (deprecated there)
+        reduce_scatter = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
+        reduce_scatter(out, flat.reshape(-1), op=torch_dist.ReduceOp.SUM, group=mesh.get_group())
+        offset = 0
+        for (param, _), chunk in zip(self.pending, chunks, strict=True):
+            width = chunk.shape[1]
+            local_rows = param.to_local().shape[0]  # the last ranks' chunks are shorter (or empty)
+            local = out[offset:offset + width].view(-1, *param.shape[1:])[:local_rows]
+            offset += width
+            grad = DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
+                                      stride=param.stride())
+            param.grad = grad if param.grad is None else param.grad + grad
+        self.pending, self.size = [], 0

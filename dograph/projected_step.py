@@ -24,11 +24,13 @@ weights are returned in the sampler's.
 Gradients are summed over ranks explicitly: the capture bypasses autograd's weight
 gradients, so DDP's reducer would never see them (docs/design.md section 6).
 
-Under FSDP2 (``trainer.parallelism=fsdp``) only the two-pass update is exact and allowed: the
-capturing pass needs no weight (the hooks read layer inputs and output-grads, which FSDP never
-shards, so the projections are those of one process), and the second pass is an ordinary
-backward whose gradients FSDP reduce-scatters. The one-backward update and the domain Gram form
-full weight gradients outside autograd, which FSDP's sharded gradients cannot take: refused.
+Under FSDP2 (``trainer.parallelism=fsdp``) the capturing pass needs no weight (the hooks read
+layer inputs and output-grads, which FSDP never shards, so the projections are those of one
+process). The one-backward update forms each parameter's whole local gradient from the kept
+tensors (the small modules' re-forwards all-gather their parameters) and hands it to a
+:class:`~dograph.parallel.ShardedGradientReducer`, which reduce-scatters it into the shards as
+FSDP's own backward would; the domain Gram all-reduces its ``[D, n]`` stacks as under DDP. The
+two-pass update's second pass is an ordinary backward whose gradients FSDP reduce-scatters.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from dograph.data.sampler import Batch
 from dograph.distributed import all_reduce_gradients, all_reduce_sum
 from dograph.errors import ConfigError
 from dograph.mixing import Signal
+from dograph.parallel import ShardedGradientReducer
 from dograph.signals import StepContext, StepResult, StepRunner, backward_weighted, resolve_weights, step_signals
 from dograph.timing import StepTimer
 
@@ -83,11 +86,6 @@ class ProjectedStep(StepRunner):
         if getattr(ctx.model, "_compiled_call_impl", None) is not None:
             raise ConfigError("trainer.compile=true is not supported with a mixer that reads per-sample gradient "
                               "signals (its hooks run eagerly): set trainer.compile=false")
-        if ctx.sharded and (not two_pass or self.needs_gram):
-            raise ConfigError("trainer.parallelism=fsdp supports mixers that read per-sample gradient signals only "
-                              "with trainer.weighted_update=two_pass and without the domain Gram (DOMAIN_GRAM): "
-                              "the one-backward update forms full weight gradients from the kept tensors, which "
-                              "FSDP does not shard or reduce (docs/design.md section 2.5)")
         self.two_pass = two_pass
         bound = projector.bind(ctx.model) if projector is not None else None
         # the Gram reads the kept inputs and output-grads, so they are kept even for the two-pass update
@@ -147,6 +145,8 @@ class ProjectedStep(StepRunner):
             for i, (batch, micro_weights) in enumerate(zip(micro_batches, weights, strict=True)):
                 backward_weighted(self.ctx, [self.forward_loss(batch)], [micro_weights],
                                   last=i == len(micro_batches) - 1)
+        elif self.ctx.sharded:  # whole local gradients reduce-scattered into FSDP's shards, a bucket at a time
+            self.capture.apply_weights(list(weights), ShardedGradientReducer())
         else:
             self.capture.apply_weights(list(weights))
             all_reduce_gradients(self.ctx.dist, list(self.ctx.model.parameters()))

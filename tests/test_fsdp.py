@@ -72,24 +72,6 @@ def test_large_llamas_fit_per_rank_on_8_ranks(name: str) -> None:
     assert low * 4 / 8 < per_rank < high * 4 / 8, per_rank
 
 
-def test_fsdp_refuses_the_one_backward_update() -> None:
-    import functools
-
-    from dograph.distributed import DistContext
-    from dograph.dograph_mixer import DoGraphMixer
-    from dograph.objectives import UncertaintyObjective
-    from dograph.projection import KroneckerProjector
-    from dograph.signals import StepContext, build_step_runner
-
-    mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
-                         projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8)
-    ctx = StepContext(ddp_model(), mixer, DistContext(), 8, lambda: torch.autocast("cpu", enabled=False),
-                      sharded=True)
-    with pytest.raises(ConfigError, match="two_pass"):
-        build_step_runner(ctx, "fast")
-    build_step_runner(ctx, "two_pass")
-
-
 def test_checkpointed_blocks_keep_names_and_gradients() -> None:
     """Activation checkpointing changes no parameter name and no gradient (one process)."""
     from dograph.models import per_sample_loss
@@ -164,8 +146,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro: int = 1,
-                checkpointed: bool = False) -> None:
-    """``STEPS`` clipped AdamW steps of ``kind`` on this rank's slice of fixed global batches; save parameters."""
+                checkpointed: bool = False, update: str = "two_pass") -> None:
+    """``STEPS`` clipped AdamW steps of ``kind`` on this rank's slice of fixed global batches; save parameters.
+
+    ``update``: the weighted update (``trainer.weighted_update``) of the mixers that read gradient signals.
+    """
     import functools
 
     from dograph.distributed import DistContext
@@ -189,6 +174,19 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
         from baselines.loss_based import LossBasedMixer
 
         mixer = LossBasedMixer(strategy="extremes", kl_reg=0.4, burn_in=1, domains=["a", "b", "c"], dist=dist)
+    elif kind == "doremi":
+        from baselines.doremi import DoReMiProxyMixer
+        from dograph.pipeline import StageResult
+
+        reference = StageResult("doremi", "reference", "test", Path(out_dir) / "reference")
+        mixer = DoReMiProxyMixer(stage_results={"reference": reference}, domains=["a", "b", "c"],
+                                 natural_mixture=[0.5, 0.3, 0.2], proxy_mixture="natural", dist=dist)
+    elif kind == "doge":
+        from baselines.doge import DoGEProxyMixer
+
+        mixer = DoGEProxyMixer(mu=0.01, dw_min=-5.0, max_grad_norm=1.0, gradients="exact",
+                               projection={"rank": 4, "out_dim": 16, "exclude": []}, domains=["a", "b", "c"],
+                               dist=dist, seed=1)
     else:
         from dograph.dograph_mixer import DoGraphMixer
         from dograph.objectives import UncertaintyObjective
@@ -197,8 +195,9 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
         mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
                              projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
                              domains=["a", "b", "c"], dist=dist)
-    ctx = StepContext(model, mixer, dist, 8, lambda: torch.autocast("cpu", enabled=False), sharded=world > 1)
-    runner = build_step_runner(ctx, "two_pass")
+    ctx = StepContext(model, mixer, dist, 8, lambda: torch.autocast("cpu", enabled=False),
+                      lr_at=lambda step: 0.05, num_domains=3, sharded=world > 1)
+    runner = build_step_runner(ctx, update)
     optimizer = build_optimizer(model, TrainerConfig(lr=1e-3))
     projected = [0]
     project = LayerProjection.project
@@ -230,17 +229,24 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
     finally:
         LayerProjection.project, capture._Call = project, call_class
     torch.save({"steps": records, "projected": projected[0], "captured": captured[0]},
-               f"{out_dir}/{kind}_rank{rank}_world{world}_micro{micro}_ckpt{int(checkpointed)}.pt")
+               f"{out_dir}/{kind}_{update}_rank{rank}_world{world}_micro{micro}_ckpt{int(checkpointed)}.pt")
     leave_gloo(world)
 
 
-def _compare(tmp_path: Path, kind: str, micro: int, checkpointed: bool) -> tuple[dict, list[dict]]:
+def _compare(tmp_path: Path, kind: str, micro: int, checkpointed: bool, update: str = "two_pass"
+             ) -> tuple[dict, list[dict]]:
+    """One process (two-pass, the reference) against FSDP on 2 ranks (``update``)."""
     import torch.multiprocessing as mp
 
+    if kind == "doremi":
+        from test_doremi_ddp import _save_reference
+
+        _save_reference(tmp_path / "reference")
     _fsdp_steps(0, 1, 0, kind, str(tmp_path))
-    mp.spawn(_fsdp_steps, args=(2, free_port(), kind, str(tmp_path), micro, checkpointed), nprocs=2, join=True)
-    single = torch.load(tmp_path / f"{kind}_rank0_world1_micro1_ckpt0.pt", weights_only=False)
-    ranks = [torch.load(tmp_path / f"{kind}_rank{r}_world2_micro{micro}_ckpt{int(checkpointed)}.pt",
+    mp.spawn(_fsdp_steps, args=(2, free_port(), kind, str(tmp_path), micro, checkpointed, update), nprocs=2,
+             join=True)
+    single = torch.load(tmp_path / f"{kind}_two_pass_rank0_world1_micro1_ckpt0.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"{kind}_{update}_rank{r}_world2_micro{micro}_ckpt{int(checkpointed)}.pt",
                         weights_only=False) for r in (0, 1)]
     for step in range(STEPS):
         expected = single["steps"][step]
@@ -255,19 +261,27 @@ def _compare(tmp_path: Path, kind: str, micro: int, checkpointed: bool) -> tuple
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "micro"), [("uniform", 1), ("uniform", 2), ("loss_based", 1),
-                                             ("loss_based", 2), ("dograph", 1), ("dograph", 2)])
-def test_fsdp_updates_equal_single_process(tmp_path: Path, kind: str, micro: int) -> None:
-    """Updated parameters after 3 clipped AdamW steps: FSDP on 2 ranks (x ``micro`` micro-batches) == one process."""
-    single, _ = _compare(tmp_path, kind, micro, checkpointed=False)
+@pytest.mark.parametrize(("kind", "micro", "update"), [
+    ("uniform", 1, "two_pass"), ("uniform", 2, "two_pass"), ("loss_based", 1, "two_pass"),
+    ("loss_based", 2, "two_pass"), ("doremi", 2, "two_pass"), ("dograph", 1, "two_pass"),
+    ("dograph", 2, "two_pass"), ("dograph", 1, "fast"), ("dograph", 2, "fast"), ("doge", 2, "two_pass"),
+    ("doge", 2, "fast")])
+def test_fsdp_updates_equal_single_process(tmp_path: Path, kind: str, micro: int, update: str) -> None:
+    """Updated parameters after 3 clipped AdamW steps: FSDP on 2 ranks (x ``micro`` micro-batches) == one process.
+
+    The one process takes the two-pass update (the reference); under FSDP the one-backward (``fast``)
+    update reduce-scatters the whole gradients it forms into the shards.
+    """
+    single, _ = _compare(tmp_path, kind, micro, checkpointed=False, update=update)
     if kind != "uniform":  # past burn-in / warm-up, the mixer's weights were applied
         assert any(step["reweighted"] for step in single["steps"])
 
 
 @pytest.mark.slow
-def test_fsdp_checkpointed_dograph_projects_each_layer_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("update", ["two_pass", "fast"])
+def test_fsdp_checkpointed_dograph_projects_each_layer_once(tmp_path: Path, update: str) -> None:
     """With activation checkpointing the recomputed forward captures nothing: as many projections, same update."""
-    single, ranks = _compare(tmp_path, "dograph", 1, checkpointed=True)
+    single, ranks = _compare(tmp_path, "dograph", 1, checkpointed=True, update=update)
     # each rank projects its half of the samples' layers once per step, like the unsharded process
     assert ranks[0]["projected"] == ranks[1]["projected"] == single["projected"] > 0
     assert ranks[0]["captured"] == ranks[1]["captured"] == single["captured"] > 0  # forward hooks kept once
@@ -290,8 +304,8 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "trainer.weighted_update=two_pass",
-                                                       "mixer.buffer_size=8", "m=3"]], ids=["uniform", "dograph"])
+@pytest.mark.parametrize("mixer", [["mixer=uniform"], ["mixer=dograph", "mixer.buffer_size=8", "m=3"]],
+                         ids=["uniform", "dograph"])
 def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
     """torchrun x 2 with model=llama_tiny: 4 steps straight == 2 steps, then resume for 2 from sharded (DCP)
     checkpoints; the HF export holds the full weights."""
@@ -321,9 +335,63 @@ def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: P
 
 
 
-def test_the_default_weighted_update_is_two_pass_under_fsdp_and_fast_otherwise() -> None:
-    from dograph.config import TrainerConfig
-
+def test_the_default_weighted_update_is_fast_unless_activations_are_checkpointed() -> None:
     assert TrainerConfig().weighted_update == "fast"
-    assert TrainerConfig(parallelism="fsdp").weighted_update == "two_pass"
-    assert TrainerConfig(parallelism="fsdp", weighted_update="fast").weighted_update == "fast"  # refused at the step
+    assert TrainerConfig(parallelism="fsdp").weighted_update == "fast"
+    assert TrainerConfig(activation_checkpointing=True).weighted_update == "two_pass"
+    assert TrainerConfig(parallelism="fsdp", activation_checkpointing=True).weighted_update == "two_pass"
+    assert TrainerConfig(activation_checkpointing=True, weighted_update="fast").weighted_update == "fast"
+
+
+def _reduce_scatter_ranks(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Shard a few parameters (dim 0 of 5, 1 and 4 rows over ``world`` ranks), reduce whole gradients into them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dograph.parallel import ShardedGradientReducer
+
+    join_gloo(rank, world, port)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(4, 1), torch.nn.Linear(2, 4))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(rank * 100 + i))
+             for i, (n, p) in enumerate(model.named_parameters())}
+    reducer = ShardedGradientReducer(bucket_bytes=40)  # several buckets
+    for name, p in model.named_parameters():
+        reducer.add(p, grads[name])
+    reducer.flush()
+    torch.save({"grads": grads, "reduced": {n: p.grad.full_tensor() for n, p in model.named_parameters()},
+                "local_shapes": {n: tuple(p.grad.to_local().shape) for n, p in model.named_parameters()}},
+               f"{out_dir}/rank{rank}.pt")
+    leave_gloo(world)
+
+
+def test_sharded_gradient_reducer_sums_whole_gradients_into_the_shards(tmp_path: Path) -> None:
+    """Each rank's shard of the reduced gradient is its chunk of the sum over ranks, uneven dim 0 included."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_scatter_ranks, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, reduced in ranks[0]["reduced"].items():
+        expected = ranks[0]["grads"][name] + ranks[1]["grads"][name]
+        assert torch.allclose(reduced, expected, atol=1e-6), name
+        assert torch.equal(ranks[1]["reduced"][name], reduced)
+    assert ranks[0]["local_shapes"]["1.weight"] == (1, 4) and ranks[1]["local_shapes"]["1.weight"] == (0, 4)
+    assert ranks[0]["local_shapes"]["0.weight"] == (3, 3) and ranks[1]["local_shapes"]["0.weight"] == (2, 3)
+
+
+@pytest.mark.slow
+def test_fsdp_benchmark_runs_under_torchrun(tmp_path: Path) -> None:
+    """benchmarks/fsdp_step.py end to end on 2 gloo ranks (test-sized): every variant timed, the kept bytes counted."""
+    import json
+
+    out = tmp_path / "fsdp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO / "benchmarks" / "fsdp_step.py"), "--device", "cpu", "--quick",
+           "--batch", "8", "--seq", "32", "--micro-batch", "2", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    numbers = json.loads(out.read_text())
+    assert numbers["world_size"] == 2 and numbers["micro_batch"] == 2
+    assert all(numbers["median_s"][name] > 0 for name in ("uniform", "fast", "two_pass"))
+    assert numbers["fast_kept_bytes_per_rank"] > 0 and numbers["plain_saved_bytes_per_micro_batch"] > 0
