@@ -18,6 +18,11 @@ small modules (norms, embeddings) a local re-forward whose vjp takes ``v``-scale
 output-grads. The two-pass reference keeps nothing and backpropagates ``sum_i v_i l_i``
 again instead.
 
+Parameters are finished one after another (:meth:`GradientCapture._per_parameter`), so under
+FSDP2 each whole gradient can be reduce-scattered into its shards as soon as it is complete
+(``apply_weights(..., reducer)``, :class:`dograph.parallel.ShardedGradientReducer`); the small
+modules' re-forwards then all-gather their own parameters, in the dtype the forward used.
+
 :meth:`GradientCapture.weighted_gram` uses the same kept tensors for the Gram matrix of
 ``D`` weighted gradients ``G_d = sum_i W[d, i] g_i`` (DoGE's per-domain gradients): one
 parameter at a time it forms the ``[D, *shape]`` stack of that parameter's ``G_d``, adds its
