@@ -444,3 +444,21 @@ def test_fsdp_mixed_precision_one_backward_matches_two_pass(tmp_path: Path) -> N
             got_dtype, got = fast[step][name]
             assert got_dtype == dtype == torch.float32, name
             assert float((got - expected).norm() / expected.norm().clamp_min(1e-12)) < 0.03, (step, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", [
+    ["mixer=doge", "+mixer.proxy.parallelism=fsdp", "mixer.proxy.max_steps=3"],
+    ["mixer=doremi", "+mixer.proxy.parallelism=fsdp", "+mixer.reference.parallelism=fsdp", "mixer.proxy.max_steps=3",
+     "mixer.reference.max_steps=3"]], ids=["doge", "doremi"])
+def test_fsdp_pipeline_stages(tiny_overrides: list[str], tmp_path: Path, mixer: list[str]) -> None:
+    """torchrun x 2: a baseline's stages and main run under FSDP (DoGE's proxy: the domain Gram and the
+    one-backward update on shards), each checkpointed as shards."""
+    overrides = [*tiny_overrides, "model=llama_tiny", "trainer.parallelism=fsdp", *mixer, "trainer.max_steps=3",
+                 f"paths.output_root={tmp_path / 'out'}"]
+    done = _launch(tmp_path / "run", overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    shards = (tmp_path / "out").glob("stages/*/*/checkpoints/*.shards")
+    stages = sorted(p.parent.parent.name.split("-")[0] for p in shards)
+    assert stages == (["proxy"] if "mixer=doge" in mixer else ["proxy", "reference"]), stages
+    assert list((tmp_path / "run" / "checkpoints").glob("*.shards"))
