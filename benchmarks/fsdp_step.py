@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 from common import (
-    RANDOM_DOMAINS,
-    RANDOM_MIXTURE,
     BenchData,
     FixedSampler,
     add_shared_arguments,
@@ -46,8 +44,7 @@ from common import (
     time_interleaved,
     write_json,
 )
-from hydra.utils import instantiate
-from step_time import fill_buffer, mixer_node
+from step_time import build_mixer, fill_buffer
 
 from baselines.uniform import UniformMixer
 from dograph.capture import GradientCapture
@@ -143,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "uniform":
             mixer = UniformMixer()
         else:
-            make = instantiate({**mixer_node(args)}, _partial_=True)
-            mixer = mixers[name] = make(domains=list(RANDOM_DOMAINS), natural_mixture=list(RANDOM_MIXTURE),
-                                        dist=dist, seed=args.seed)
+            mixer = mixers[name] = build_mixer(args, device, data, dist)
         trainers[name] = make_trainer(args, device, model, mixer, FixedSampler(batches), workdir,
                                       weighted_update="fast" if name == "fast" else "two_pass", dist=dist)
         if name == "fast":

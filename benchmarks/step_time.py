@@ -159,12 +159,15 @@ def mixer_node(args: argparse.Namespace) -> dict[str, Any]:
     return OmegaConf.to_container(root.mixer, resolve=True)
 
 
-def build_mixer(args: argparse.Namespace, device: torch.device, data: BenchData) -> DoGraphMixer:
-    """A DoGraphMixer exactly as dograph.app.build_mixer makes it from the config node."""
+def build_mixer(args: argparse.Namespace, device: torch.device, data: BenchData,
+                dist: DistContext | None = None) -> DoGraphMixer:
+    """A DoGraphMixer exactly as dograph.app.build_mixer makes it from the config node.
+
+    ``dist``: the process group's context under torchrun (default: one process on ``device``)."""
     domains = list(data.run_data.corpus.domains) if data.run_data else list(RANDOM_DOMAINS)
     mixture = list(data.run_data.corpus.natural_mixture) if data.run_data else list(RANDOM_MIXTURE)
     make = instantiate(mixer_node(args), _partial_=True)
-    return make(domains=domains, natural_mixture=mixture, dist=DistContext(device=device), seed=args.seed)
+    return make(domains=domains, natural_mixture=mixture, dist=dist or DistContext(device=device), seed=args.seed)
 
 
 def fill_buffer(trainer: Trainer, mixer: DoGraphMixer, limit: int, frozen: bool) -> int:

@@ -226,15 +226,16 @@ class GradientCapture:
                     if call.output_grad is None:  # the module's output did not reach the loss
                         continue
                     if is_linear(hooked.module):
-                        yield from _linear_grads(hooked.module, call.args[0], call.output_grad, v)
-                        continue
-                    if params is None:
-                        params = _forward_params(hooked)
-                    scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
-                    yield from _module_grads(hooked.module, call, call.output_grad * scale, params)
+                        pairs = _linear_grads(hooked.module, call.args[0], call.output_grad, v)
+                    else:
+                        if params is None:
+                            params = _forward_params(hooked)
+                        scale = v.to(call.output_grad.dtype).view(-1, *([1] * (call.output_grad.ndim - 1)))
+                        pairs = _module_grads(hooked.module, call, call.output_grad * scale, params)
+                    yield from ((p, g.to(p.dtype)) for p, g in pairs)  # summed in the parameter's dtype
 
         missing = []
-        for param, grad in self._per_parameter(contributions, lambda p, value: value.to(p.dtype)):
+        for param, grad in self._per_parameter(contributions):
             if grad is None:
                 missing.append(param)
                 if reducer is not None:  # the same on every rank (the model's structure): stop before reducing
@@ -259,15 +260,13 @@ class GradientCapture:
         raise ConfigError(f"the one-backward weighted update formed no gradient for {shown}{cause}: "
                           "use trainer.weighted_update=two_pass, or freeze those parameters")
 
-    def _per_parameter(self, contributions: Callable[[int, _Hooked], Iterable[tuple[nn.Parameter, Tensor]]],
-                       convert: Callable[[nn.Parameter, Tensor], Tensor] = lambda p, value: value,
+    def _per_parameter(self, contributions: Callable[[int, _Hooked], Iterable[tuple[nn.Parameter, Tensor]]]
                        ) -> Iterator[tuple[nn.Parameter, Tensor | None]]:
         """Each trainable parameter once, with the sum of its modules' ``contributions`` (None: none here).
 
         The modules are visited so that parameters finish one after another (the modules sharing a
         tied parameter consecutively), in the model's order on every rank; a parameter is yielded as
         soon as every module that uses it is done, so its sum can be used and dropped at once.
-        ``convert`` is applied to each contribution before it is summed.
         """
         params = [p for p in self.model.parameters() if p.requires_grad]  # unique, in the model's order
         owners: dict[int, list[int]] = {id(p): [] for p in params}
@@ -283,7 +282,7 @@ class GradientCapture:
         for index in order:
             hooked = self.hooked[index]
             for p, value in contributions(index, hooked):
-                value = convert(p, value)  # every contribution is a fresh tensor: summed in place
+                # every contribution is a fresh tensor: summed in place
                 pending[id(p)] = value if id(p) not in pending else pending[id(p)].add_(value)
             for p in hooked.module.parameters(False):
                 if id(p) not in remaining:

@@ -12,8 +12,23 @@ import torch
 from helpers import REPO, ddp_model, free_port, join_gloo, leave_gloo, rank_batches
 
 from dograph.config import EvalConfig, ModelConfig, RunConfig, TrainerConfig, load_group_option
+from dograph.distributed import DistContext
+from dograph.dograph_mixer import DoGraphMixer
 from dograph.errors import ConfigError
 from dograph.parallel import per_rank_parameter_bytes, per_rank_parameter_bytes_of, transformer_blocks
+
+
+def dograph_mixer(dist: DistContext | None = None) -> DoGraphMixer:
+    """The small DoGraph mixer of these tests (2 clusters, k = 16, a buffer of 8 samples, 3 domains)."""
+    import functools
+
+    from dograph.objectives import UncertaintyObjective
+    from dograph.projection import KroneckerProjector
+
+    options = {"dist": dist} if dist is not None else {}
+    return DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
+                        projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
+                        domains=["a", "b", "c"], **options)
 
 # ---- fast ------------------------------------------------------------------------------------
 
@@ -94,14 +109,9 @@ def test_checkpointed_blocks_keep_names_and_gradients() -> None:
 @pytest.mark.parametrize("weighted_update", ["fast", "two_pass"])
 def test_checkpointed_dograph_step_is_unchanged(weighted_update: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One process: with activation checkpointing DoGraph's step gives the same gradients, each layer captured once."""
-    import functools
-
     import dograph.capture as capture
     from dograph.distributed import DistContext
-    from dograph.dograph_mixer import DoGraphMixer
-    from dograph.objectives import UncertaintyObjective
     from dograph.parallel import checkpoint_blocks
-    from dograph.projection import KroneckerProjector
     from dograph.signals import StepContext, build_step_runner
 
     captured = [0]
@@ -118,9 +128,7 @@ def test_checkpointed_dograph_step_is_unchanged(weighted_update: str, monkeypatc
         model = ddp_model()
         if checkpointed:
             checkpoint_blocks(model)
-        mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
-                             projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
-                             domains=["a", "b", "c"])
+        mixer = dograph_mixer()
         runner = build_step_runner(StepContext(model, mixer, DistContext(), 8,
                                                lambda: torch.autocast("cpu", enabled=False)), weighted_update)
         grads = []
@@ -151,7 +159,6 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
 
     ``update``: the weighted update (``trainer.weighted_update``) of the mixers that read gradient signals.
     """
-    import functools
 
     from dograph.distributed import DistContext
     from dograph.optim import build_optimizer
@@ -188,13 +195,7 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
                                projection={"rank": 4, "out_dim": 16, "exclude": []}, domains=["a", "b", "c"],
                                dist=dist, seed=1)
     else:
-        from dograph.dograph_mixer import DoGraphMixer
-        from dograph.objectives import UncertaintyObjective
-        from dograph.projection import KroneckerProjector
-
-        mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
-                             projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
-                             domains=["a", "b", "c"], dist=dist)
+        mixer = dograph_mixer(dist)
     ctx = StepContext(model, mixer, dist, 8, lambda: torch.autocast("cpu", enabled=False),
                       lr_at=lambda step: 0.05, num_domains=3, sharded=world > 1)
     runner = build_step_runner(ctx, update)
@@ -399,22 +400,15 @@ def test_fsdp_benchmark_runs_under_torchrun(tmp_path: Path) -> None:
 
 def _mixed_precision_grads(rank: int, world: int, port: int, update: str, out_dir: str) -> None:
     """DoGraph's gradients of 3 steps under FSDP's bf16 mixed precision (on the CPU), gathered whole."""
-    import functools
-
     from dograph.distributed import DistContext
-    from dograph.dograph_mixer import DoGraphMixer
-    from dograph.objectives import UncertaintyObjective
     from dograph.parallel import shard_model
-    from dograph.projection import KroneckerProjector
     from dograph.signals import StepContext, build_step_runner
 
     join_gloo(rank, world, port)
     dist = DistContext(rank=rank, world_size=world)
     model = ddp_model()
     shard_model(model, dist, mixed_precision=True)  # bf16 all-gathered parameters, fp32 reduction
-    mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
-                         projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8,
-                         domains=["a", "b", "c"], dist=dist)
+    mixer = dograph_mixer(dist)
     runner = build_step_runner(StepContext(model, mixer, dist, 8, lambda: torch.autocast("cpu", dtype=torch.bfloat16),
                                            num_domains=3, sharded=True), update)
     steps = []
