@@ -25,7 +25,8 @@ against docs/design.md section 5 (cold <= 50 ms, warm <= 10 ms); one Lloyd itera
   fresh buffer from a slowly moving distribution, and successive refreshes keep
   iterating). Objective within 0.1% of 2-3 warm iterations and on average within 1% of a
   cold fit (a test checks it). Measured: median 8 ms (p90 9 ms), including the exact
-  re-assignment pass that counts empty clusters and the objective (about 2 ms).
+  re-assignment pass that counts empty clusters and the objective (about 2 ms). A refresh
+  on which FAISS split a cluster adds one more pass (the vanished-region check).
 * ``num_threads = None`` leaves FAISS's OpenMP pool as it is (2 threads here, faster than
   1 on an idle machine: cold 45 vs 54 ms at niter 5). Under CPU oversubscription
   OpenMP's spin-waits collapse: with another job on the 2 cores, cold fits (niter 5) took
@@ -58,8 +59,12 @@ class ClusterRefresh:
     ``drift``: mean Euclidean distance moved per centroid after id matching (0 on the
     first fit). ``objective``: mean squared distance of a point to its nearest centroid.
     ``empty_clusters``: clusters with no point after FAISS, re-seeded from the farthest
-    points; ``reseeded``: their ids after matching (their statistics must start afresh,
-    docs/design.md section 2.5). ``backend``: "faiss-gpu" or "faiss-cpu", the path that actually ran.
+    points. ``vanished``: previous ids that no buffered point is nearest to (their region
+    left the buffer; FAISS splits another cluster into them during ``train``).
+    ``reseeded``: every id, after matching, whose statistics must start afresh
+    (docs/design.md section 2.2): the empty and vanished ones and any id whose new centroid
+    is no longer nearest to its own previous centroid. ``backend``: "faiss-gpu" or
+    "faiss-cpu", the path that actually ran.
     """
 
     centroids: Tensor
@@ -71,6 +76,7 @@ class ClusterRefresh:
     objective: float
     warm_started: bool
     reseeded: tuple[int, ...] = ()
+    vanished: tuple[int, ...] = ()
 
 
 def squared_distances(x: Tensor, centroids: Tensor, x_sq: Tensor | None = None) -> Tensor:
@@ -121,6 +127,40 @@ def _reseed_empty(x: Tensor, x_sq: Tensor, centroids: Tensor) -> tuple[Tensor, T
         centroids[empty] = x[far]
         d_min = squared_distances(x, centroids, x_sq).min(1).values
     return centroids, empty_mask, float(d_min.mean())
+
+
+def _faiss_split(km: faiss.Kmeans) -> bool:
+    """Whether FAISS split a cluster into an empty one during ``train`` (True when it does not say)."""
+    stats = getattr(km, "iteration_stats", None)
+    if not stats or "nsplit" not in stats[0]:
+        return True
+    return any(int(s["nsplit"]) > 0 for s in stats)
+
+
+def _vanished(x: Tensor, x_sq: Tensor, prev: Tensor) -> Tensor:
+    """[m] bool: previous centroids that no point of ``x`` is nearest to (one [n, m] distance pass).
+
+    FAISS's first Lloyd step finds these empty and re-seeds each by splitting a large
+    cluster, so after ``train`` nothing is empty although the region is gone.
+    """
+    nearest = squared_distances(x, prev, x_sq).argmin(1)
+    return torch.bincount(nearest, minlength=prev.shape[0]) == 0
+
+
+def _left_their_region(prev: Tensor, matched: Tensor) -> Tensor:
+    """[m] bool: ids whose matched centroid is nearer to another previous centroid than to its own.
+
+    Hungarian matching minimises the total distance, so after a split it can give the
+    vanished id the continuation of a third cluster and that cluster's id the split-off
+    half (1-D: old A=0, B=10, C=11, C vanishes, A splits: C gets B's centroid, B gets half
+    of A). Such an id's statistics describe another region, so it starts afresh too.
+    """
+    own = torch.arange(prev.shape[0], device=prev.device)
+    return squared_distances(matched, prev).argmin(1) != own
+
+
+def _ids(mask: Tensor) -> tuple[int, ...]:
+    return tuple(int(k) for k in torch.nonzero(mask).flatten().tolist())
 
 
 def _faiss_gpu_available() -> bool:
@@ -199,11 +239,15 @@ class KMeansClusterer:
         centroids = torch.from_numpy(km.centroids).to(xd.device)
         centroids, reseeded, objective = _reseed_empty(xd, x_sq, centroids)
         empty = int(reseeded.sum())
-        drift = 0.0
+        drift, vanished = 0.0, torch.zeros_like(reseeded)
         if prev is not None:
-            perm = matching_permutation(prev.to(xd.device), centroids)
+            prev = prev.to(xd.device)
+            perm = matching_permutation(prev, centroids)
             centroids, reseeded = centroids[perm], reseeded[perm]
-            drift = float((centroids.double() - prev.to(xd.device).double()).norm(dim=1).mean())
+            drift = float((centroids.double() - prev.double()).norm(dim=1).mean())
+            if _faiss_split(km):
+                vanished = _vanished(xd, x_sq, prev)
+            reseeded = reseeded | vanished | _left_their_region(prev, centroids)
         self._set_centroids(centroids)
         self._device = centroids.device
         self.num_fits += 1
@@ -211,11 +255,12 @@ class KMeansClusterer:
             centroids=centroids.clone(), drift=drift, seconds=time.perf_counter() - start,
             backend=self.backend, num_points=host.shape[0], empty_clusters=empty,
             objective=objective, warm_started=warm,
-            reseeded=tuple(int(k) for k in torch.nonzero(reseeded).flatten().tolist()),
+            reseeded=_ids(reseeded), vanished=_ids(vanished),
         )  # fmt: skip
         logger.debug(
-            "k-means refresh %d (%s, warm=%s): %.1f ms, drift %.4g, objective %.4g, %d empty",
+            "k-means refresh %d (%s, warm=%s): %.1f ms, drift %.4g, objective %.4g, %d empty, re-seeded %s",
             self.num_fits, refresh.backend, warm, 1e3 * refresh.seconds, drift, objective, empty,
+            refresh.reseeded,
         )  # fmt: skip
         return refresh
 

@@ -4,7 +4,7 @@ Each step (on rank 0, with the global batch gathered from every rank):
 
 1. the batch's projected per-sample gradients enter a FIFO buffer (2.2);
 2. every ``recluster_every`` steps K-means refreshes the m centroids (warm-started, ids
-   kept by Hungarian matching; a re-seeded, empty cluster starts its statistics afresh);
+   kept by Hungarian matching; a re-seeded cluster (empty, or its region gone) starts afresh);
    until the buffer first fills, the plain mean is used (warm-up);
 3. samples go to their nearest centroid (with the refreshed centroids on a refresh step);
    per-cluster EMA statistics and the cosine graph are updated (2.3);
@@ -90,6 +90,8 @@ class DoGraphMixer(Mixer):
                  dist: DistContext | None = None, seed: int = 0) -> None:
         if num_clusters < 1:
             raise ConfigError(f"m must be >= 1 (got {num_clusters})")
+        if buffer_size < 1:
+            raise ConfigError(f"mixer.buffer_size must be >= 1 (got {buffer_size})")
         if buffer_size < num_clusters:
             raise ConfigError(f"m={num_clusters} is larger than mixer.buffer_size={buffer_size}: K-means needs "
                               "at least m buffered gradients (lower m or raise mixer.buffer_size)")
@@ -199,7 +201,7 @@ class DoGraphMixer(Mixer):
             return None, _PLAIN, metrics
         if refresh is not None:  # assign this batch with the refreshed centroids (docs/design.md section 2.5)
             self.stats.load_state_dict(saved)
-            self.stats.reset_clusters(refresh.reseeded)
+            self._forget_clusters(refresh.reseeded)
             assign, host = self._assign_and_update(g, loss, domain, finite, timer)
         return self._solve(step, assign, host, timer, metrics)
 
@@ -291,6 +293,21 @@ class DoGraphMixer(Mixer):
             return g
         return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def _forget_clusters(self, ids: tuple[int, ...]) -> None:
+        """Re-seeded ids are new domains: fresh statistics, and ``w_last`` the mean of the others' (2.2).
+
+        The mean of the kept ids' ``w_last`` (1/m when every id is re-seeded) is neutral
+        after the proximal term's renormalisation: it pulls the new cluster neither toward
+        the old region's weight nor below its peers (our choice; 1/m would be low when a
+        batch holds fewer than m clusters).
+        """
+        if not ids:
+            return
+        self.stats.reset_clusters(ids)
+        kept = np.ones(self.m, dtype=bool)
+        kept[list(ids)] = False
+        self.w_last[list(ids)] = self.w_last[kept].mean() if kept.any() else 1.0 / self.m
+
     def _maybe_refresh(self, step: int) -> tuple[ClusterRefresh | None, dict[str, Any]]:
         due = self.clusterer.centroids is None or step - self.last_refresh_step >= self.recluster_every
         if not (self.buffer.is_full and due):
@@ -306,7 +323,7 @@ class DoGraphMixer(Mixer):
                                              max(1, len(self.domains)))
         record = {"step": step, "drift": refresh.drift, "seconds": refresh.seconds, "backend": refresh.backend,
                   "kmeans_objective": refresh.objective, "empty_clusters": refresh.empty_clusters,
-                  "reseeded": list(refresh.reseeded),
+                  "reseeded": list(refresh.reseeded), "vanished": list(refresh.vanished),
                   "ari": agreement.ari, "nmi": agreement.nmi, "contingency": agreement.table.tolist()}
         self.history.refreshes.append(record)
         return refresh, {"mixer/refresh/step": float(step), "mixer/refresh/drift": refresh.drift,

@@ -6,7 +6,13 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from dograph.clustering import KMeansClusterer, match_centroids, squared_distances
+from dograph.clustering import (
+    KMeansClusterer,
+    _left_their_region,
+    match_centroids,
+    matching_permutation,
+    squared_distances,
+)
 
 
 def blobs(n=600, dim=32, k=4, sep=8.0, seed=0, centres=None):
@@ -47,6 +53,7 @@ def test_warm_start_keeps_ids_when_data_moves_slightly():
     assert refresh.warm_started
     assert torch.equal(km.assign(x2), before)
     assert 0.0 < refresh.drift < 0.1
+    assert refresh.reseeded == () and refresh.vanished == ()  # nothing moved region: statistics stay
     assert torch.allclose(refresh.centroids, old, atol=0.1)
 
 
@@ -63,6 +70,39 @@ def test_ids_follow_the_previous_centroids_whatever_their_order():
         refresh = km.fit(x2, warm_start=warm)
         assert refresh.warm_started == warm
         assert torch.allclose(refresh.centroids, base[perm], atol=0.1)
+
+
+def test_vanished_region_is_reported_reseeded():
+    """Issue 15: blob 3 leaves the buffer and blob 1 turns bimodal. FAISS's first warm
+    iteration finds id 2 empty and splits a cluster into it itself, so nothing is empty
+    after ``train``; the id that moved must still be reported (its statistics are blob 3's)."""
+    g = torch.Generator().manual_seed(0)
+    centres = 10.0 * torch.eye(16)[:3]
+
+    def blob(centre, n=200):
+        return centre + 0.3 * torch.randn(n, 16, generator=g)
+
+    km = KMeansClusterer(3, seed=0)
+    old = km.fit(torch.cat([blob(c) for c in centres])).centroids
+    assert torch.cdist(old, centres).argmin(1).tolist() == [0, 1, 2]
+    off = 3.0 * torch.eye(16)[3]
+    refresh = km.fit(torch.cat([blob(centres[0] + off), blob(centres[0] - off), blob(centres[1])]))
+    assert refresh.warm_started and refresh.empty_clusters == 0  # FAISS left nothing empty
+    moved = torch.cdist(refresh.centroids, old).argmin(1) != torch.arange(3)
+    assert moved.tolist() == [False, False, True]  # id 2 now sits on blob 1
+    assert refresh.vanished == (2,) and refresh.reseeded == (2,)  # ids after matching; 0 and 1 keep theirs
+
+
+def test_ids_whose_matched_centroid_left_their_region_are_reseeded():
+    """Hungarian matching after a split can chain: old A=0, B=10, C=11; C vanishes and A
+    splits. Matching gives C's id B's centroid and B's id half of A, so both B's and C's
+    statistics describe another region; A's id keeps its own."""
+    prev = torch.tensor([[0.0], [10.0], [11.0]])
+    new = torch.tensor([[-0.01], [10.0], [0.01]])  # FAISS order: A, B, split of A into C's slot
+    matched = new[matching_permutation(prev, new)]
+    assert matched.flatten().tolist() == pytest.approx([-0.01, 0.01, 10.0])
+    assert _left_their_region(prev, matched).tolist() == [False, True, True]
+    assert not _left_their_region(prev, prev + 0.4).any()
 
 
 def test_match_centroids_undoes_a_permutation():

@@ -228,6 +228,47 @@ def test_reseeded_cluster_starts_its_statistics_afresh(monkeypatch: pytest.Monke
     assert not torch.equal(stats.means[1], stats.batch_means[1])  # an EMA blend for the others
 
 
+def vanishing_blobs(step: int, b: int = 6, dim: int = 8) -> StepSignals:
+    """``blobs`` after region e2 left: e0 split into two modes (e0 +- 0.3 e3), e1 unchanged."""
+    signals = blobs(step, b, dim)
+    group = torch.arange(b) % 3
+    modes = torch.stack([torch.eye(dim)[0] + 0.3 * torch.eye(dim)[3], torch.eye(dim)[0] - 0.3 * torch.eye(dim)[3],
+                         torch.eye(dim)[1]])
+    noise = 0.05 * torch.randn(b, dim, generator=torch.Generator().manual_seed(100 + step))
+    return dataclasses.replace(signals, grad_proj=modes[group] * 10 + noise)
+
+
+def test_vanished_region_resets_its_statistics_and_w_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: the region of one cluster leaves the buffer; FAISS splits another cluster
+    into its id. At the refresh the id starts afresh: statistics of first sight and the
+    mean of the other ids' ``w_last`` (not its old 0.8) as its proximal anchor."""
+    mixer = make_mixer(m=3, recluster_every=2)  # fits at steps 1, 3, 5 (buffer: the last two batches)
+    for step in range(4):
+        mixer.weigh(blobs(step))
+    gone = int(mixer.clusterer.assign(torch.eye(8)[2:3])[0])  # the id of region e2
+    assert bool(mixer.stats.active[gone])
+    mixer.weigh(vanishing_blobs(4))
+    mixer.w_last = np.where(np.arange(3) == gone, 0.8, 0.1)
+    seen = {}
+    real_solve = mixer.objective.solve
+
+    def spy(inputs, w_prev, **kwargs):
+        seen.update(w_last=mixer.w_last.copy(), counts=mixer.stats.counts.clone(),
+                    batch_counts=mixer.stats.batch_counts.clone(), means=mixer.stats.means.clone(),
+                    batch_means=mixer.stats.batch_means.clone())
+        return real_solve(inputs, w_prev, **kwargs)
+
+    monkeypatch.setattr(mixer.objective, "solve", spy)
+    mixer.weigh(vanishing_blobs(5))
+    refresh = mixer.history.refreshes[-1]
+    assert refresh["step"] == 5 and refresh["empty_clusters"] == 0  # FAISS left nothing empty
+    assert refresh["vanished"] == [gone] and refresh["reseeded"] == [gone]
+    assert seen["w_last"][gone] == pytest.approx(0.1)  # the mean of the kept ids' w_last
+    assert seen["counts"][gone] == seen["batch_counts"][gone]  # no decayed old count: first sight or absent
+    if seen["batch_counts"][gone] > 0:
+        assert torch.equal(seen["means"][gone], seen["batch_means"][gone])
+
+
 def test_cluster_time_excludes_the_kmeans_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
     def slow_fit(fit, x: torch.Tensor):
         time.sleep(0.3)
