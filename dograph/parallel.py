@@ -144,10 +144,14 @@ def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, direc
     ``torch.distributed.checkpoint.save`` (DCP) of the sharded state dicts (``get_state_dict``, torch
     docs): no rank gathers the whole model. Atomic as the other checkpoints: written into a temporary
     directory, renamed by rank 0 once every rank has finished. Several nodes need a shared filesystem.
+    ``directory`` must be new (``dograph.checkpoint.fresh_shards_dir``): an existing one may be what
+    ``latest`` names, and is removed only once a newer checkpoint names other shards.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    if directory.exists():  # every rank sees it (a shared filesystem): all fail alike, before any collective
+        raise FileExistsError(f"{directory} exists: shards are written under a fresh name (fresh_shards_dir)")
     tmp = directory.with_name(f".{directory.name}.tmp")
     if dist.is_main and tmp.exists():
         shutil.rmtree(tmp)  # left by a crash
@@ -156,8 +160,6 @@ def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, direc
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
     barrier(dist)
     if dist.is_main:
-        if directory.exists():
-            shutil.rmtree(directory)
         tmp.replace(directory)
     barrier(dist)
 

@@ -12,6 +12,8 @@ PCA fitted per checkpoint; points are coloured by human domain.
 Writes ``figure1.png``/``.pdf`` and ``figure1_points.csv`` (checkpoint, step, domain, sample,
 pc1, pc2, and each axis's share of variance) so a notebook can redraw it. The earliest kept
 checkpoint is the earliest of the ``trainer.keep_checkpoints`` newest ones: a run must keep two.
+An FSDP run's checkpoints hold no weights but name their shards; the model is read back whole from
+them in this one process (``dograph.checkpoint.model_weights``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from dograph.capture import GradientCapture
-from dograph.checkpoint import load_checkpoint
+from dograph.checkpoint import model_weights
 from dograph.models import per_sample_loss
 from dograph.projection import KroneckerProjector
 from experiments.artifact import NothingToPlot
@@ -115,7 +117,7 @@ def compute_points(run_dir: Path, max_per_domain: int = MAX_PER_DOMAIN) -> pd.Da
     domains = list(data.corpus.domains)
     frames = []
     for name, (step, path) in (("early", kept[0]), ("late", kept[-1])):
-        model = rebuild_model(cfg, data, load_checkpoint(path)["model"])
+        model = rebuild_model(cfg, data, model_weights(path))  # a ddp .pt's weights, or an fsdp one's shards
         grads = projected_gradients(model, projector, windows).numpy().astype(np.float64)
         coords, share = pca_2d(unit_rows(grads))
         frames.append(pd.DataFrame({"checkpoint": name, "step": step, "domain": [domains[i] for i in labels],

@@ -331,8 +331,12 @@ def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: P
     assert not list(checkpoints.glob(".*.tmp"))  # written atomically: no temporary directory left
     dcp_to_torch_save(checkpoints / "step_00000004.shards", tmp_path / "gathered.pt")  # each rank wrote its shards
     state = torch.load(tmp_path / "gathered.pt", weights_only=False)["model"]
+    from dograph.checkpoint import model_weights
+
+    weights = model_weights(checkpoints / "step_00000004.pt")  # Figure 1's reading of the two ranks' shards
     for name, value in exported.state_dict().items():
         assert torch.equal(value, state[name]), name  # the export holds the full weights the shards hold
+        assert torch.equal(value, weights[name]), name
 
 
 
@@ -378,6 +382,97 @@ def test_sharded_gradient_reducer_sums_whole_gradients_into_the_shards(tmp_path:
         assert torch.equal(ranks[1]["reduced"][name], reduced)
     assert ranks[0]["local_shapes"]["1.weight"] == (1, 4) and ranks[1]["local_shapes"]["1.weight"] == (0, 4)
     assert ranks[0]["local_shapes"]["0.weight"] == (3, 3) and ranks[1]["local_shapes"]["0.weight"] == (2, 3)
+
+
+def _latest_problem(directory: Path) -> str | None:
+    """Why ``latest`` does not name a whole checkpoint now (its .pt and the shards that names); None if it does."""
+    try:
+        path = directory / (directory / "latest").read_text().strip()
+        state = torch.load(path, weights_only=False)  # (files this test wrote)
+        if "shards" in state and not (directory / state["shards"] / ".metadata").is_file():
+            return f"{path.name} names {state['shards']}, which is not complete"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _watch_latest(directory: Path, monkeypatch: pytest.MonkeyPatch, problems: list[str]) -> list[int]:
+    """After every rename, replace and removal from now on, check that ``latest`` still names a whole checkpoint."""
+    import shutil
+
+    checks = [0]
+
+    def watched(name: str, call):
+        def wrapper(*args, **kwargs):
+            out = call(*args, **kwargs)
+            checks[0] += 1
+            if (problem := _latest_problem(directory)) is not None:
+                problems.append(f"after {name}{args}: {problem}")
+            return out
+        return wrapper
+
+    for module, name in ((os, "replace"), (os, "rename"), (os, "unlink"), (os, "remove"), (os, "rmdir"),
+                         (shutil, "rmtree")):
+        monkeypatch.setattr(module, name, watched(name, getattr(module, name)))
+    return checks
+
+
+class _FakeSampler:
+    def set_prefetch(self, windows: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"position": 3}
+
+    def close(self) -> None:
+        pass
+
+
+class _OneRankGroup(DistContext):
+    """This process as a 1-rank process group that the trainer takes for a distributed run: it shards (FSDP)."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+def test_fsdp_double_save_keeps_latest_valid_at_every_moment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's real FSDP save (DCP shards, rename, .pt, latest) at steps 1 and 2, then at step 2 again (what
+    a stop on a checkpoint step did, and a finished run resumed still does): the second save writes new shards
+    and removes the old ones only once the new .pt names them. Checked after every filesystem change."""
+    from types import SimpleNamespace
+
+    import torch.distributed as torch_dist
+
+    from baselines.uniform import UniformMixer
+    from dograph.checkpoint import load_latest, model_weights
+    from dograph.trainer import Trainer
+
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        data = SimpleNamespace(corpus=SimpleNamespace(domains=["a", "b", "c"]), sampler=_FakeSampler())
+        model = ddp_model()
+        trainer = Trainer(TrainerConfig(parallelism="fsdp", batch_size=2, keep_checkpoints=2), model, data,
+                          UniformMixer(), dist=_OneRankGroup(), run_dir=tmp_path, writer=None)
+        assert trainer.sharded
+        for step in (1, 2):
+            trainer.state.step = step
+            trainer.save()
+        problems: list[str] = []
+        checks = _watch_latest(trainer.ckpt_dir, monkeypatch, problems)
+        trainer.save()
+        monkeypatch.undo()
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+    finally:
+        torch_dist.destroy_process_group()
+    assert checks[0] >= 5 and problems == [], problems
+    path, state = load_latest(trainer.ckpt_dir)
+    assert path.name == "step_00000002.pt" and state["parallelism"] == "fsdp"
+    shards = sorted(p.name for p in trainer.ckpt_dir.glob("*.shards"))
+    assert len(shards) == 2 and shards[0] == "step_00000001.shards" and shards[1] == state["shards"]  # old ones gone
+    weights = model_weights(path)  # what Figure 1 reads: the whole model, in this process, without a group
+    ddp_model().load_state_dict(weights)  # every key, whole shapes
+    assert all(torch.equal(weights[name], value) for name, value in full.items())
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 from helpers import FakeMixer
 
 from dograph.app import run_training
+from dograph.checkpoint import load_checkpoint
 from dograph.errors import ConfigError
 from dograph.metrics import read_metrics
 
@@ -56,8 +57,8 @@ def test_resume_is_exact(make_config, tmp_path: Path, extra: tuple[str, ...]) ->
     expected, got = train_losses(straight), train_losses(resumed)
     assert sorted(got) == list(range(1, 2 * n + 1))
     assert got == expected  # bit-identical on CPU
-    a = torch.load(straight / "checkpoints" / "step_00000008.pt", weights_only=False)["model"]
-    b = torch.load(resumed / "checkpoints" / "step_00000008.pt", weights_only=False)["model"]
+    a = load_checkpoint(straight / "checkpoints" / "step_00000008.pt")["model"]
+    b = load_checkpoint(resumed / "checkpoints" / "step_00000008.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -71,7 +72,7 @@ def test_refuses_to_reuse_a_run_directory(make_config, tmp_path: Path) -> None:
 def test_checkpoint_resume_with_other_world_size_is_refused(make_config, tmp_path: Path) -> None:
     run_training(make_config("trainer.max_steps=2"), tmp_path)
     path = tmp_path / "checkpoints" / "step_00000002.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     state["ranks"] = state["ranks"] * 2
     torch.save(state, path)
     with pytest.raises(ConfigError, match="same number"):
@@ -114,5 +115,5 @@ def test_trainer_applies_the_mixers_sampling_mixture(make_config, tmp_path: Path
 
     monkeypatch.setattr(dograph.app, "build_mixer", lambda *args: ShiftingMixer([1.0, 1.0, 1.0]))
     run_training(make_config("trainer.max_steps=3"), tmp_path)
-    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")
     assert torch.equal(state["ranks"][0]["data"]["mixture"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
