@@ -10,6 +10,7 @@ them.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,30 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
 
 
-TOKENIZER_PATTERN = re.compile(r"^(gpt2|bpe(\d+)k)$")
+BPE_TOKENIZER = re.compile(r"^bpe(\d+)k$")  # a byte-level BPE of N*1024 entries trained on the corpus
+SEED_LIMIT = 2**32  # numpy's seed range: seeds are in [0, 2**32)
+
+
+def _check_tokenizer(name: str) -> None:
+    """``gpt2``, ``bpe<N>k`` with N >= 1, or any other non-empty name (a tokenizer directory or hub id)."""
+    _require(bool(name.strip()), "tokenizer", "must be gpt2, bpe<N>k, a tokenizer directory or a hub name", name)
+    bpe = BPE_TOKENIZER.match(name)
+    _require(bpe is None or int(bpe.group(1)) >= 1, "tokenizer",
+             "bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k)", name)
+
+
+def _check_mixer_sizes(mixer: Any) -> None:
+    """The FIFO size of a mixer node that has one (DoGraph), checked before the corpus is read.
+
+    The mixer's constructor checks the rest of its node when it is built, after the data.
+    """
+    if not isinstance(mixer, dict) or "buffer_size" not in mixer:
+        return
+    size, m = mixer["buffer_size"], mixer.get("num_clusters")
+    _require(isinstance(size, int) and size >= 1, "mixer.buffer_size", "must be an integer >= 1", size)
+    if isinstance(m, int) and m > size:  # the constructor's message, earlier
+        raise ConfigError(f"m={m} is larger than mixer.buffer_size={size}: K-means needs at least m buffered "
+                          "gradients (lower m or raise mixer.buffer_size)")
 
 
 @dataclass
@@ -213,7 +237,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mixer: Any = None  # _target_ + kwargs (conf/mixer/*)
     objective: Any = None  # _target_ + kwargs (conf/objective/*), read by mixers that optimise one
-    tokenizer: str = "bpe8k"  # gpt2 | bpe<N>k (a byte-level BPE of N*1024 entries trained locally)
+    tokenizer: str = "bpe8k"  # gpt2 | bpe<N>k (a BPE of N*1024 entries trained locally) | a directory | a hub name
     m: int = 11  # number of model-centric domains (DoGraph clusters)
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoint in the run directory
@@ -222,8 +246,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.m >= 1, "m", "must be >= 1", self.m)
-        _require(TOKENIZER_PATTERN.match(self.tokenizer) is not None, "tokenizer",
-                 "must be gpt2 or bpe<N>k (e.g. bpe8k)", self.tokenizer)
+        _require(0 <= self.seed < SEED_LIMIT, "seed", "must be in [0, 2**32) (numpy's seed range)", self.seed)
+        _check_tokenizer(self.tokenizer)
+        _check_mixer_sizes(self.mixer)
         _require(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true",
                  self.resume)
         # rank 0 alone runs lm-eval after training; a sharded model needs every rank in its forward
@@ -233,6 +258,16 @@ class RunConfig:
         _require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
                  f"must be <= model.max_position_embeddings={self.model.max_position_embeddings}",
                  self.trainer.seq_len)
+
+    def for_evaluation(self, settings: EvalConfig) -> RunConfig:
+        """This trained run's config with the settings of a later evaluation of its ``hf/`` export.
+
+        Not validated again as a training config: the fsdp check above is about lm-eval in the
+        training processes, and the export of any run evaluates alone (``python -m dograph.evaluate``).
+        """
+        later = copy.copy(self)
+        later.eval = settings
+        return later
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -262,17 +297,22 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=RunConfig)
 
 
-def to_run_config(cfg: Any) -> RunConfig:
-    """The composed Hydra config as a validated :class:`RunConfig` (ConfigError names the bad key)."""
+def to_config_object(node: Any) -> Any:
+    """A structured OmegaConf node as its validated dataclass (ConfigError names the bad key)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        run_cfg = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(node)
     except OmegaConfBaseException as exc:
         if isinstance(exc.__cause__, ConfigError):
             raise exc.__cause__ from None
         raise ConfigError(str(exc)) from exc
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """The composed Hydra config as a validated :class:`RunConfig` (ConfigError names the bad key)."""
+    run_cfg = to_config_object(cfg)
     if not isinstance(run_cfg, RunConfig):
         raise ConfigError("the root config must be composed onto the `schema` (conf/config.yaml defaults)")
     return run_cfg

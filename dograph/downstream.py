@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -108,6 +109,7 @@ class DownstreamResult:
     num_fewshot: int
     limit: int | None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # lm-eval's output
+    command: str = ""  # lm-eval's CLI command that gives the same numbers on the run's hf/ export
 
     def table(self) -> str:
         rows = [[s.task, s.metric, s.score, "" if s.stderr is None else s.stderr, "" if s.n is None else s.n]
@@ -384,6 +386,22 @@ def eval_context(cfg: RunConfig) -> int:
     return min(cfg.model.max_position_embeddings, max(cfg.trainer.seq_len, MIN_CONTEXT))
 
 
+def lm_eval_command(cfg: RunConfig, run_dir: Path, names: list[str], include_paths: list[Path]) -> str:
+    """lm-eval's CLI on ``run_dir/hf`` with the settings used here, so that it gives the same numbers.
+
+    ``max_length`` is what makes them agree: without it the CLI takes the export's positions
+    (``n_positions`` / ``max_position_embeddings``, read before the tokenizer's ``model_max_length``)
+    as the context, where this project uses :func:`eval_context`.
+    """
+    model_args = f"pretrained={Path(run_dir) / 'hf'},max_length={eval_context(cfg)}"
+    parts = ["lm_eval --model hf", f"--model_args {shlex.quote(model_args)}", f"--tasks {','.join(names)}",
+             f"--num_fewshot {cfg.eval.num_fewshot}", f"--batch_size {cfg.eval.batch_size}"]
+    parts += [f"--include_path {shlex.quote(str(path))}" for path in include_paths]
+    if cfg.eval.limit is not None:
+        parts.append(f"--limit {cfg.eval.limit}")
+    return " ".join(parts)
+
+
 def evaluate(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path, *, step: int | None = None,
              writer: Any = None, corpus: Any = None, verbose: bool = False) -> DownstreamResult:
     """Evaluate ``model`` on ``cfg.eval.tasks`` and write the results into ``run_dir``."""
@@ -398,6 +416,7 @@ def evaluate(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path, *, step:
     finally:
         model.train(was_training)
     result = summarize(raw, num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.limit)
+    result.command = lm_eval_command(cfg, Path(run_dir), names, paths)
     write_results(Path(run_dir), result, step=step, writer=writer)
     return result
 

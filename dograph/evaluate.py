@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dograph.config import CONF_DIR, EvalConfig, RunConfig, load_group_option, register_configs, to_run_config
+from dograph.config import (
+    CONF_DIR,
+    EvalConfig,
+    RunConfig,
+    load_group_option,
+    register_configs,
+    to_config_object,
+    to_run_config,
+)
 from dograph.errors import ConfigError, DataError, DographError
 
 OVERRIDABLE = ("eval.", "paths.")
@@ -63,8 +71,20 @@ def _apply_overrides(cfg: Any, overrides: list[str]) -> None:
                               "here (the rest describes the trained run)")
 
 
+def _eval_node(cfg: Any) -> Any:
+    """A detached copy of ``cfg.eval`` (assigning to ``cfg.eval`` later rewrites the attached node in place)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg.eval)
+
+
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
-    """The run's validated config with ``overrides`` applied (a run saved before ``eval`` existed gets its defaults)."""
+    """The run's validated config with ``overrides`` applied (a run saved before ``eval`` existed gets its defaults).
+
+    The run is validated as it was trained (its saved ``eval``) and the evaluation settings on
+    their own, so that a run trained with ``trainer.parallelism=fsdp``, where lm-eval cannot run
+    after training, is evaluated here like any other (``RunConfig.for_evaluation``).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -72,10 +92,13 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
     saved = _saved_config(run_dir)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), saved)
+        trained_eval = _eval_node(cfg)
         _apply_overrides(cfg, list(overrides))
+        later_eval = _eval_node(cfg)
+        cfg.eval = trained_eval
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{run_dir}: {str(exc).splitlines()[0]}") from None
-    return to_run_config(cfg)
+    return to_run_config(cfg).for_evaluation(to_config_object(later_eval))
 
 
 def _step(run_dir: Path) -> int | None:
@@ -142,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/3] done in {time.time() - started:.0f} s; wrote {run_dir / 'eval'}/lm_eval.json, scores.json and a "
           "downstream record in metrics.jsonl", file=sys.stderr)
     print_result(result)
+    print(f"\nlm-eval's CLI gives the same numbers with: {result.command}")
     return 0
 
 

@@ -45,7 +45,12 @@ def test_tokenizer_follows_the_model_unless_overridden() -> None:
     ("trainer.batch_size=-4", "trainer.batch_size"),
     ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
     ("m=0", "m"),
-    ("tokenizer=wordpiece", "tokenizer"),
+    ("tokenizer=''", "tokenizer"),
+    ("tokenizer=bpe0k", "tokenizer"),
+    ("seed=-3", "seed"),
+    (f"seed={2**32}", "seed"),
+    ("mixer.buffer_size=-5", "mixer.buffer_size"),
+    ("mixer.buffer_size=0", "mixer.buffer_size"),
     ("trainer.precision=fp8", "trainer.precision"),
     ("logger.mode=loud", "logger.mode"),
     ("trainer.seq_len=4096", "trainer.seq_len"),
@@ -53,6 +58,24 @@ def test_tokenizer_follows_the_model_unless_overridden() -> None:
 def test_bad_values_name_their_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key} "):
         to_run_config(compose_config([override]))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("seed=-3", "seed must be in [0, 2**32) (numpy's seed range) (got -3)"),
+    ("tokenizer=bpe0k", "tokenizer bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k) (got 'bpe0k')"),
+    ("mixer.buffer_size=-5", "mixer.buffer_size must be an integer >= 1 (got -5)"),
+    ("mixer.buffer_size=8", "m=11 is larger than mixer.buffer_size=8: K-means needs at least m buffered gradients"),
+])
+def test_bad_input_is_one_line_before_any_work(make_config, tmp_path: Path, override: str, message: str) -> None:
+    """Refused when the config is converted, before the corpus (missing here) is read or anything is built."""
+    with pytest.raises(ConfigError) as info:
+        make_config(override, f"dataset.path={tmp_path / 'no corpus'}")
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_other_tokenizer_names_are_left_to_autotokenizer() -> None:
+    for name in ("gpt2", "bpe1k", "bpe16k", "./my_tokenizer", "EleutherAI/pythia-70m", "bpe8"):
+        assert to_run_config(compose_config([f"tokenizer={name}"])).tokenizer == name
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:

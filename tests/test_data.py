@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from dograph.data.hub import hf_corpus
 from dograph.data.packing import DomainPacker, is_validation_doc
 from dograph.data.sampler import MixtureSampler
 from dograph.data.sources import build_corpus
-from dograph.data.tokenizer import gpt2_tokenizer, load_tokenizer, train_bpe
+from dograph.data.tokenizer import gpt2_tokenizer, is_pretrained, load_tokenizer, tokenizer_vocab_size, train_bpe
 from dograph.errors import DataError
 
 
@@ -198,6 +199,81 @@ def test_bpe_is_trained_once_and_cached(tmp_path: Path) -> None:
     again = load_tokenizer("bpe1k", tmp_path, corpus_fingerprint="abc", training_texts=None)
     assert first("sample text")["input_ids"] == again("sample text")["input_ids"]
     assert again.eos_token == "<|endoftext|>"
+
+
+def save_wordpiece_tokenizer(directory: Path, *, eos: str | None = "[EOS]") -> Path:
+    """A tokenizer none of the project's: WordPiece with its own special tokens, saved as a user would."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"a document about topic {i % 9} with words alpha beta gamma delta {i}" for i in range(300)]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=150, special_tokens=["[UNK]", "[EOS]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token=eos).save_pretrained(str(directory))
+    return directory
+
+
+def never_read() -> Iterator[str]:
+    raise AssertionError("a pretrained tokenizer must not read training text")
+    yield ""
+
+
+def test_pretrained_tokenizer_from_a_directory(tmp_path: Path) -> None:
+    directory = save_wordpiece_tokenizer(tmp_path / "my tokenizer")
+    tok = load_tokenizer(str(directory), tmp_path / "cache", corpus_fingerprint="abc", training_texts=never_read())
+    assert tok.eos_token == "[EOS]" and tok.eos_token_id == tok.convert_tokens_to_ids("[EOS]")
+    assert tok.convert_ids_to_tokens(tok("Alpha beta", add_special_tokens=False)["input_ids"]) == ["alpha", "beta"]
+    assert tokenizer_vocab_size(str(directory)) == len(tok) < 1024  # sized by the tokenizer itself
+    assert is_pretrained(str(directory)) and not is_pretrained("gpt2") and not is_pretrained("bpe8k")
+    assert not (tmp_path / "cache").exists()  # nothing trained or cached
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("{tmp}/missing", "is not a directory"),
+    ("dograph-tests/no-such-tokenizer", "cannot reach the Hugging Face hub for tokenizer 'dograph-tests/no-such"),
+    ("{tmp}/no_eos", "has no EOS token"),
+    ("{tmp}", "cannot load it with AutoTokenizer"),
+])
+def test_pretrained_tokenizer_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                  expected: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: a hub name is read from the HF cache only
+    save_wordpiece_tokenizer(tmp_path / "no_eos", eos=None)
+    with pytest.raises(DataError) as info:
+        load_tokenizer(name.format(tmp=tmp_path), tmp_path / "cache")
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_run_trains_and_exports_a_pretrained_tokenizer(make_config, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """tokenizer=DIR: the model's vocabulary is the tokenizer's, and hf/ holds both (lm-eval loads them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dograph.app import run_training
+
+    directory = str(save_wordpiece_tokenizer(tmp_path / "tok"))
+    mine = load_tokenizer(directory, tmp_path)
+    run_training(make_config(f"tokenizer={directory}", "trainer.max_steps=0"), tmp_path / "dry")
+    assert f"vocabulary {len(mine)} ({directory})" in capsys.readouterr().out
+    run_training(make_config(f"tokenizer={directory}", "mixer=uniform", "trainer.max_steps=2",
+                             "trainer.export_hf=true"), tmp_path / "run")
+    config = AutoConfig.from_pretrained(str(tmp_path / "run" / "hf"))
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "hf"))
+    assert config.vocab_size == len(mine) == len(exported) and config.eos_token_id == mine.eos_token_id
+    text = "Alpha beta gamma, topic 3"
+    assert exported(text)["input_ids"] == mine(text)["input_ids"]
+
+
+def test_pretrained_tokenizer_fails_before_the_corpus_is_read(make_config, tmp_path: Path) -> None:
+    from dograph.app import run_training
+
+    for name, expected in ((str(tmp_path / "missing"), "is not a directory"),
+                           ("dograph-tests/no-such-tokenizer", "cannot reach the Hugging Face hub")):
+        cfg = make_config(f"tokenizer={name}", f"dataset.path={tmp_path / 'no corpus'}")  # read first: DataError
+        with pytest.raises(DataError, match=expected):
+            run_training(cfg, tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # nothing started
 
 
 def test_small_domain_gets_its_validation_windows(tmp_path: Path, tokenizer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict
@@ -14,11 +15,13 @@ import torch
 from conftest import compose_config
 from helpers import REPO
 
-from dograph.config import ModelConfig, RunConfig, to_run_config
+from dograph.config import EvalConfig, ModelConfig, RunConfig, TrainerConfig, to_run_config
 from dograph.data.tokenizer import train_bpe
-from dograph.downstream import evaluate, run_lm_eval, select_score, summarize
+from dograph.downstream import eval_context, evaluate, lm_eval_command, run_lm_eval, select_score, summarize
 from dograph.errors import ConfigError, DataError
 from dograph.eval_tasks import LOCAL_TASKS, build_local_tasks
+from dograph.evaluate import load_run_config
+from dograph.evaluate import main as evaluate_main
 from dograph.models import build_model
 
 # ---- the score rule ---------------------------------------------------------------------------------------
@@ -122,6 +125,26 @@ def test_cli_refuses_bad_overrides_in_one_line(saved_run: Path, args: list[str],
     assert "Traceback" not in proc.stderr
 
 
+@pytest.fixture
+def fsdp_run(saved_run: Path) -> Path:
+    """The saved run as trained with trainer.parallelism=fsdp (lm-eval refused after training, hf/ exported)."""
+    info = json.loads((saved_run / "run_info.json").read_text())
+    info["config"]["trainer"]["parallelism"] = "fsdp"
+    (saved_run / "run_info.json").write_text(json.dumps(info))
+    return saved_run
+
+
+def test_fsdp_run_is_evaluated_from_its_export(fsdp_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert load_run_config(fsdp_run, ["eval=local"]).trainer.parallelism == "fsdp"  # described as trained
+    code = evaluate_main([str(fsdp_run), "eval=local", "eval.local_items=4", "eval.limit=3",
+                          "eval.tasks=[dograph_continuation]", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    scores = json.loads((fsdp_run / "eval" / "scores.json").read_text())
+    assert set(scores["tasks"]) == {"dograph_continuation"} and scores["limit"] == 3
+    with pytest.raises(ConfigError, match=r"^eval\.tasks cannot run after training"):  # training still refuses it
+        RunConfig(trainer=TrainerConfig(parallelism="fsdp"), eval=EvalConfig(tasks=["dograph_continuation"]))
+
+
 def test_cli_without_export_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "run_info.json").write_text(json.dumps({"config": {}}))
     proc = run_evaluate_cli(str(tmp_path), "eval=local")
@@ -178,6 +201,53 @@ def test_hub_task_without_network_is_one_line_data_error(local_tokenizer, saved_
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: lm-eval task(s) piqa") and "HF_DATASETS_CACHE" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+# ---- lm-eval's own CLI -----------------------------------------------------------------------------------------
+
+
+def wide_export(run_dir: Path, tok) -> Path:
+    """An export with more positions (256) than the evaluation context of a seq_len=64 run (128)."""
+    shape = ModelConfig(n_layer=2, n_head=2, d_model=64, d_ff=128, max_position_embeddings=256)
+    model = build_model(shape, len(tok), bos_id=tok.eos_token_id, eos_id=tok.eos_token_id, seed=0)
+    model.save_pretrained(str(run_dir / "hf"))
+    tok.save_pretrained(str(run_dir / "hf"))
+    return run_dir
+
+
+def test_lm_eval_cli_command_sets_the_projects_context(eval_cfg: RunConfig, local_tokenizer, tmp_path: Path) -> None:
+    """lm-eval's CLI parses the printed command into a model whose context is eval_context, not the export's."""
+    from lm_eval._cli.harness import HarnessCLI
+    from lm_eval.models.huggingface import HFLM
+
+    run_dir = wide_export(tmp_path / "run", local_tokenizer)
+    argv = shlex.split(lm_eval_command(eval_cfg, run_dir, ["dograph_continuation"], [tmp_path / "my tasks"]))
+    assert argv[0] == "lm_eval"
+    args = HarnessCLI()._parser.parse_args(["run", *argv[1:]])
+    assert args.tasks == ["dograph_continuation"] and args.include_path == str(tmp_path / "my tasks")
+    as_cli = HFLM.create_from_arg_obj(args.model_args, {"batch_size": 1, "device": "cpu"})
+    plain = HFLM.create_from_arg_obj({"pretrained": str(run_dir / "hf")}, {"batch_size": 1, "device": "cpu"})
+    assert as_cli.max_length == eval_context(eval_cfg) == 128
+    assert plain.max_length == 256  # what the CLI uses without max_length: the export's n_positions
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_reproduces_the_rolling_perplexity(eval_cfg: RunConfig, local_tokenizer, tmp_path: Path) -> None:
+    """The printed command, run as is, gives the word perplexity of dograph.downstream (docs: README)."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = wide_export(tmp_path / "run", local_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir / "hf")).eval()
+    cfg = eval_cfg.for_evaluation(EvalConfig(tasks=["dograph_domain_rolling"], limit=4, local_items=4))
+    result = evaluate(model, local_tokenizer, cfg, run_dir)
+    ours, argv = result.scores[0], shlex.split(result.command)
+    out = tmp_path / "lm_eval_out"
+    proc = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), *argv[1:], "--device", "cpu",
+                           "--output_path", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (result.command, proc.stderr[-2000:])
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["dograph_domain_rolling"]
+    assert ours.metric == "word_perplexity"
+    assert results["word_perplexity,none"] == pytest.approx(ours.score, rel=1e-4)
 
 
 # ---- config --------------------------------------------------------------------------------------------------

