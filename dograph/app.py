@@ -7,6 +7,7 @@ and are built with ``hydra.utils.instantiate``, with runtime objects passed as a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from hydra.utils import get_class, instantiate
 
 from dograph.config import RunConfig
 from dograph.data.builder import RunData, build_run_data, load_corpus
-from dograph.data.tokenizer import tokenizer_vocab_size
+from dograph.data.tokenizer import is_pretrained, pretrained_tokenizer, tokenizer_vocab_size
 from dograph.distributed import DistContext, barrier, init_distributed, shutdown
 from dograph.downstream import check_task_names, evaluate_after_training
 from dograph.errors import ConfigError, DographError
@@ -126,28 +128,87 @@ def _git_info() -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
+# Overrides that say where a run lives or how a command continues it, never what it trains: left out of
+# its fingerprint (docs/design.md section 1.4). Hydra's own overrides (hydra.*, hydra/...) are left out too.
+FINGERPRINT_IGNORED = ("resume", "overwrite", "tags", "paths.output_root", "paths.cache_dir",
+                       "trainer.stop_after_steps")
+
+
+def canonical_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` as Hydra parses them (``key=value``, normalised), sorted, without :data:`FINGERPRINT_IGNORED`.
+
+    Parsing makes ``'a=[1, 2]'`` and ``a=[1,2]`` one override; sorting makes the order of a
+    command line (or of a multirun job's overrides) irrelevant.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept = {f"{o.get_key_element()}={o.get_value_element_as_str()}"
+            for o in OverridesParser.create().parse_overrides(list(overrides))
+            if not o.is_hydra_override() and o.key_or_group not in FINGERPRINT_IGNORED}
+    return sorted(kept)
+
+
+def overrides_fingerprint(overrides: list[str]) -> str:
+    """16 hex digits naming what a command line asked for (the results index matches runs by it)."""
+    text = json.dumps(canonical_overrides(overrides))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hydra_task_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides of the Hydra job whose directory is ``run_dir`` (None: no such job).
+
+    A stage or sweep proxy trains in another directory under the same job: it gets None.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).resolve() != run_dir.resolve():
+        return None
+    return [str(o) for o in hydra_cfg.overrides.task]
+
+
 def write_run_info(run_dir: Path, cfg: RunConfig, dist: DistContext, n_params: int) -> None:
-    """Provenance next to the metrics: git state, versions, machine, parameter count."""
+    """Provenance next to the metrics: git state, versions, machine, parameter count, and the overrides it ran with.
+
+    ``overrides`` (canonical) and their ``fingerprint`` are what ``experiments/`` matches a run by;
+    a run made without Hydra (or a stage) has neither and matches no request.
+    """
     packages = {}
     for name in ("torch", "transformers", "datasets", "hydra-core", "faiss-cpu", "faiss-gpu", "cvxpy"):
         try:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    overrides = hydra_task_overrides(run_dir)
     info = {"git": _git_info(), "packages": packages, "python": sys.version.split()[0],
             "machine": platform.platform(), "device": str(dist.device), "world_size": dist.world_size,
-            "parameters": n_params, "command": sys.argv, "config": asdict(cfg)}
+            "parameters": n_params, "command": sys.argv,
+            "overrides": None if overrides is None else canonical_overrides(overrides),
+            "fingerprint": None if overrides is None else overrides_fingerprint(overrides), "config": asdict(cfg)}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
 
 
 def dry_run(cfg: RunConfig) -> None:
     """``trainer.max_steps=0``: build the model only (on the meta device: no memory) and print its size."""
+    vocab = tokenizer_vocab_size(cfg.tokenizer)  # a pretrained tokenizer is loaded for its size
     with torch.device("meta"):
-        model = build_model(cfg.model, tokenizer_vocab_size(cfg.tokenizer), seed=cfg.seed)
+        model = build_model(cfg.model, vocab, seed=cfg.seed)
     n = count_parameters(model)
     print(f"model: {cfg.model.family} {cfg.model.n_layer} layers x {cfg.model.d_model}, "
-          f"{cfg.model.n_head} heads, vocabulary {tokenizer_vocab_size(cfg.tokenizer)} ({cfg.tokenizer}): "
+          f"{cfg.model.n_head} heads, vocabulary {vocab} ({cfg.tokenizer}): "
           f"{n:,} parameters ({format_count(n)})")
+
+
+def check_before_work(cfg: RunConfig) -> None:
+    """What the typed config cannot check and must fail in one line before the corpus is read.
+
+    A pretrained tokenizer (a directory or a hub name) is loaded once here for that: a missing
+    directory or no network is known at once, not after the corpus and the stages.
+    """
+    if is_pretrained(cfg.tokenizer):
+        pretrained_tokenizer(cfg.tokenizer)
 
 
 def export_hf(trainer: Trainer, tokenizer: Any, run_dir: Path, state_dict: dict[str, Any] | None = None) -> Path:
@@ -163,6 +224,7 @@ def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
     if cfg.trainer.max_steps == 0:
         dry_run(cfg)
         return None
+    check_before_work(cfg)
     dist = init_distributed(cfg.trainer.device)
     try:
         cls, method = mixer_class(cfg), method_name(cfg)
@@ -203,12 +265,16 @@ def print_stage_costs(results: list[StageResult], sweep: SweepResult | None = No
 def write_run_summary(run_dir: Path, result: TrainResult, domains: list[str]) -> None:
     """``summary.json``: the record that a run finished (the experiment index reads it; a crashed run has none).
 
-    Written atomically, after the final evaluation and the export.
+    Written atomically, after the final evaluation and the export. ``train_time_s`` is training only;
+    validation and checkpoint seconds are ``eval_time_s`` and ``ckpt_time_s``; ``completed_at`` (UTC)
+    lets the index pick the run completed last when several match one request.
     """
     state = result.state
-    summary = {"status": "complete", "steps": state.step, "tokens_seen": state.tokens_seen,
-               "train_time_s": state.elapsed, "skipped_steps": state.skipped_steps, "domains": domains,
-               "final_eval": result.final_eval}
+    completed = datetime.now(UTC).isoformat(timespec="milliseconds")
+    summary = {"status": "complete", "completed_at": completed,
+               "steps": state.step, "tokens_seen": state.tokens_seen, "train_time_s": state.elapsed,
+               "eval_time_s": state.eval_time_s, "ckpt_time_s": state.ckpt_time_s,
+               "skipped_steps": state.skipped_steps, "domains": domains, "final_eval": result.final_eval}
     weights = result.weight_summary
     if weights.steps:
         sampled, effective = weights.mean_mixtures()

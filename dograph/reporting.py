@@ -56,7 +56,8 @@ def print_run_summary(result: TrainResult, corpus: Corpus, mixer: Mixer, run_dir
                          validation_rows(result.final_eval, corpus)))
     state = result.state
     print(f"\nsteps: {state.step} ({state.skipped_steps} skipped)   tokens seen: {state.tokens_seen:,}   "
-          f"wall time: {format_seconds(state.elapsed)}")
+          f"training time: {format_seconds(state.elapsed)} (+ validation {format_seconds(state.eval_time_s)}, "
+          f"checkpoints {format_seconds(state.ckpt_time_s)})")
     print_weight_summary(result, corpus)
     for title, text in mixer.summary().items():
         print(f"\n{title}\n{text}")

@@ -8,8 +8,10 @@ one checkpoint, so ``resume=true`` continues exactly as if the run had never sto
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dograph.checkpoint import (
-    SHARDS_SUFFIX,
-    latest_checkpoint,
-    load_checkpoint,
+    fresh_shards_dir,
+    load_latest,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -29,7 +30,7 @@ from dograph.checkpoint import (
 from dograph.config import TrainerConfig
 from dograph.data.builder import RunData
 from dograph.distributed import DistContext, all_gather_objects
-from dograph.errors import ConfigError, DataError
+from dograph.errors import ConfigError
 from dograph.evaluation import evaluate
 from dograph.metrics import MetricAccumulator, MetricsWriter
 from dograph.mixing import Mixer
@@ -52,7 +53,9 @@ WEIGHT_STATS = "_weight_stats"  # accumulator key of the per-step weight statist
 class TrainState:
     step: int = 0
     tokens_seen: int = 0
-    elapsed: float = 0.0  # training seconds over all sessions of the run
+    elapsed: float = 0.0  # training seconds over all sessions of the run: validation and checkpoints excluded
+    eval_time_s: float = 0.0  # validation seconds (periodic and final evaluations)
+    ckpt_time_s: float = 0.0  # checkpoint seconds (a checkpoint holds those of the saves before it)
     skipped_steps: int = 0
     weight_summary: dict[str, Any] = field(default_factory=dict)  # WeightSummary.state_dict()
 
@@ -64,6 +67,37 @@ class TrainResult:
     stopped_early: bool = False
     weight_summary: WeightSummary = field(default_factory=WeightSummary)
     outputs: dict[str, Any] = field(default_factory=dict)  # the mixer's outputs (pipeline stages)
+
+
+def timed_part(part: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Count a ``Trainer`` method's seconds in ``state.<part>``: they differ between methods, so they are kept
+    out of the training time (``state.elapsed``) and reported beside it."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def timed(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+            self.synchronize()  # queued training kernels belong to the training time
+            begun = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self.synchronize()
+                setattr(self.state, part, getattr(self.state, part) + time.perf_counter() - begun)
+        return timed
+    return wrap
+
+
+class SessionClock:
+    """The training seconds of one session: its wall time less the validation and checkpoint seconds it spent."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state, self.started = state, time.perf_counter()
+        self.base = (state.elapsed, state.eval_time_s, state.ckpt_time_s)
+
+    def update(self) -> None:
+        """Set ``state.elapsed`` to the run's training seconds so far."""
+        elapsed, evals, ckpts = self.base
+        other = self.state.eval_time_s - evals + self.state.ckpt_time_s - ckpts
+        self.state.elapsed = elapsed + time.perf_counter() - self.started - other
 
 
 def micro_batch_plan(cfg: TrainerConfig, world: int) -> tuple[int, int]:
@@ -103,6 +137,11 @@ class Trainer:
         data.sampler.set_prefetch(cfg.prefetch * self.micro_batch * self.accumulation)
         self.pin = dist.device.type == "cuda"  # page-locked host batches, copied asynchronously
 
+    def synchronize(self) -> None:
+        """Wait for queued CUDA work, so a clock read after it counts that work (nothing on CPU)."""
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:
             return contextlib.nullcontext()
@@ -113,12 +152,15 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    @timed_part("ckpt_time_s")
     def save(self) -> None:
         self.state.weight_summary = self.weight_summary.state_dict()
         ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state(),
                                                "metrics": self.accumulator.state_dict()})
         if self.sharded:  # each rank writes its own shards first (a collective); the .pt names them
-            shards = self.ckpt_dir / f"step_{self.state.step:08d}{SHARDS_SUFFIX}"
+            # rank 0 names a directory no checkpoint uses yet: a second save at this step keeps the live one
+            shards = all_gather_objects(self.dist, fresh_shards_dir(self.ckpt_dir, self.state.step)
+                                        if self.dist.is_main else None)[0]
             save_sharded_state(self.model, self.optimizer, shards, self.dist)
             weights = {"shards": shards.name}
         else:
@@ -139,10 +181,10 @@ class Trainer:
         return full_model_state_dict(self.model) if self.sharded else None
 
     def restore(self) -> bool:
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
+        found = load_latest(self.ckpt_dir)  # the newest readable one if `latest` names a damaged one
+        if found is None:
             return False
-        state = load_checkpoint(path)
+        path, state = found
         if len(state["ranks"]) != self.dist.world_size:
             raise ConfigError(f"checkpoint {path} was written by {len(state['ranks'])} ranks; resume it with "
                               f"the same number (this run has {self.dist.world_size})")
@@ -152,11 +194,8 @@ class Trainer:
         if written != self.parallelism:
             raise ConfigError(f"checkpoint {path} was written with trainer.parallelism={written}; resume it with "
                               f"the same (its optimizer state is keyed differently)")
-        if self.sharded:
-            shards = path.parent / state["shards"]
-            if not shards.is_dir():
-                raise DataError(f"{path} names its shards {shards}, which are missing: the checkpoint is damaged")
-            load_sharded_state(self.model, self.optimizer, shards)
+        if self.sharded:  # load_latest checked that its shards are complete
+            load_sharded_state(self.model, self.optimizer, path.parent / state["shards"])
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -200,6 +239,7 @@ class Trainer:
         if (mixture := self.mixer.sampling_mixture()) is not None:
             self.data.sampler.set_mixture(mixture)
 
+    @timed_part("eval_time_s")
     def run_eval(self) -> dict[str, Any]:
         results = evaluate(self.model, self.data.validation, self.data.corpus.domains,
                            self.data.corpus.natural_mixture, batch_size=self.cfg.eval_batch_size,
@@ -222,7 +262,15 @@ class Trainer:
                        "tokens_per_s": (self.state.tokens_seen - tokens_at_start) / max(wall, 1e-9),
                        "skipped_steps": self.state.skipped_steps})
         self.writer.write("train", self.state.step, values)
+        if self.state.step < self.cfg.max_steps:  # the last step's record follows the final evaluation
+            self.log_time()
         bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+
+    def log_time(self) -> None:
+        """A ``time`` record: training, validation and checkpoint seconds so far (W&B: ``time/train_s`` ...)."""
+        self.writer.write("time", self.state.step, {"train_s": self.state.elapsed,
+                                                    "eval_s": self.state.eval_time_s,
+                                                    "ckpt_s": self.state.ckpt_time_s})
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``max_steps`` (or ``stop_after_steps``); the data prefetch thread ends with it, however it ends."""
@@ -236,7 +284,7 @@ class Trainer:
             log.warning("resume=true but %s holds no checkpoint: starting from scratch", self.ckpt_dir)
         cfg, stop = self.cfg, self.cfg.stop_after_steps
         started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens_seen
-        base_elapsed = self.state.elapsed
+        clock = SessionClock(self.state)
         bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
@@ -245,18 +293,21 @@ class Trainer:
             self.train_step()
             bar.update(1)
             step = self.state.step
-            self.state.elapsed = base_elapsed + time.perf_counter() - started
+            clock.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 self.log_train(bar, started, start_tokens)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 self.run_eval()
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
-                self.save()
-            if stop is not None and step - start_step >= stop and step < cfg.max_steps:
-                self.save()
+            stopping = stop is not None and step - start_step >= stop and step < cfg.max_steps
+            if stopping or (cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps):
+                self.save()  # once, also when the checkpoint cadence and the stop fall on the same step
+            if stopping:
                 bar.close()
                 return TrainResult(self.state, stopped_early=True)
         bar.close()
+        self.synchronize()
+        clock.update()
         final = self.run_eval()
         self.save()
+        self.log_time()
         return TrainResult(self.state, final_eval=final, weight_summary=self.weight_summary)

@@ -19,6 +19,10 @@ METHOD_NAMES = {
     "data_mixing_law": "Data Mixing Laws", "dograph": "DoGraph", "fixed": "Fixed mixture",
 }
 CI_NOTE = "Cells: mean ± half-width of the 95% Student-t interval over seeds (n = seeds); one seed has no interval."
+# The methods whose earlier runs are seeded by their own keys (mixer.<stage>.seed, sweep_seed), not by the main
+# run's seed, so every main-run seed reuses one of them (docs/design.md section 3.1): what they train first.
+STAGED_METHODS = {"doremi": "reference and proxy", "doge": "proxy", "regmix": "proxy sweep",
+                  "data_mixing_law": "proxy sweep"}
 
 
 def method_name(method: str) -> str:
@@ -79,6 +83,28 @@ def missing_note(index: pd.DataFrame, requests: Sequence[RunRequest]) -> list[st
             + "; ".join(r.label() for r in missing[:6]) + (" ..." if len(missing) > 6 else "")]
 
 
+def shared_stage_note(methods: Sequence[str]) -> list[str]:
+    """Why a staged method's interval is narrower in meaning than DoGraph's (empty when no method is staged)."""
+    staged = [m for m in methods if m in STAGED_METHODS]
+    if not staged:
+        return []
+    which = ", ".join(f"{method_name(m)} ({STAGED_METHODS[m]})" for m in staged)
+    return [f"Shared stages: {which}: trained once and reused by every main-run seed (a stage's seed is its own, "
+            "mixer.<stage>.seed or sweep_seed, not seed), so these intervals cover main-run noise only; the other "
+            "methods' intervals cover the whole method."]
+
+
+def mixed_eval_note(rows: pd.DataFrame) -> list[str]:
+    """One line when the runs' downstream scores were made with more than one eval setting (empty otherwise)."""
+    settings = rows["downstream/setting"].dropna().value_counts() if "downstream/setting" in rows else []
+    if len(settings) < 2:
+        return []
+    listed = " | ".join(f"{setting}: {count} runs" for setting, count in settings.items())
+    return [f"Downstream scores not shown: these runs were evaluated with {len(settings)} settings ({listed}); "
+            "scores of different task sets, num_fewshot or limit are never averaged or compared. Evaluate them "
+            "all with one setting (python -m dograph.evaluate RUN_DIR eval=...)."]
+
+
 def _task_column(index: pd.DataFrame, task: str) -> Column:
     metrics = index.get(f"downstream/{task}/metric")
     name = str(metrics.dropna().iloc[0]) if metrics is not None and not metrics.dropna().empty else "acc"
@@ -107,9 +133,11 @@ def write_downstream_table(name: str, title: str, setting: str, index: pd.DataFr
                            extra: Sequence[Column] = ()) -> list[Path]:
     """A methods x downstream-tasks table (Tables 1, 3, 4, 5) over the method runs of one paper setting."""
     requests = method_requests(scale, setting)
-    columns = [*downstream_columns(rows_for(index, requests)), *extra]
-    notes = [CI_NOTE, *missing_note(index, requests)]
-    if len(columns) == len(extra):
+    runs = rows_for(index, requests)
+    mixed = mixed_eval_note(runs)
+    columns = [*([] if mixed else downstream_columns(runs)), *extra]
+    notes = [CI_NOTE, *shared_stage_note(scale.methods), *missing_note(index, requests), *mixed]
+    if len(columns) == len(extra) and not mixed:
         notes.append("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns "
                      "are not available; `python -m dograph.evaluate RUN_DIR eval=paper` adds them.")
     rows = method_rows(index, requests, columns, scale.methods)

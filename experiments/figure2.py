@@ -9,7 +9,7 @@ import pandas as pd
 from experiments.artifact import NothingToPlot
 from experiments.common import method_name
 from experiments.render import save_figure
-from experiments.scale import RunRequest, Scale, rows_for
+from experiments.scale import RunRequest, Scale, make_request, rows_for
 from experiments.stats import mean_ci
 from experiments.table8 import parameter_count
 
@@ -20,7 +20,7 @@ SETTING = "slimpajama_medium"  # the dataset of the scale's model-size sweep
 
 def requests(scale: Scale) -> list[RunRequest]:
     dataset = scale.setting(SETTING)["dataset"]
-    return [RunRequest(method, model, dataset, seed, sweep="model_scale")
+    return [make_request(scale, method, model, dataset, seed, sweep="model_scale")
             for model in scale.model_scale for method in scale.methods for seed in scale.seeds]
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from experiments.artifact import NothingToPlot
 from experiments.render import save_figure
-from experiments.scale import RunRequest, Scale, rows_for
+from experiments.scale import RunRequest, Scale, make_request, rows_for
 from experiments.stats import mean_ci
 
 NAME = "figure4"
@@ -18,9 +18,9 @@ SETTING = "ablation"
 
 def requests(scale: Scale) -> list[RunRequest]:
     where = scale.setting(SETTING)
-    runs = [RunRequest("dograph", where["model"], where["dataset"], seed, m=m, sweep="m_sweep")
+    runs = [make_request(scale, "dograph", where["model"], where["dataset"], seed, m=m, sweep="m_sweep")
             for m in scale.m_values for seed in scale.seeds]
-    return [*runs, *(RunRequest("uniform", where["model"], where["dataset"], seed) for seed in scale.seeds)]
+    return [*runs, *(make_request(scale, "uniform", where["model"], where["dataset"], seed) for seed in scale.seeds)]
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:

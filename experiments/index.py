@@ -7,10 +7,15 @@ otherwise it is ``incomplete`` (crashed, killed or still running) and artifacts 
 
 Columns (a missing value is NaN / None):
   run_dir, status, method, model, dataset, objective, trainer, m, seed, tags, max_steps,
-  steps, tokens_seen, train_time_s, stage_time_s, stages, total_time_s, mean_ess,
+  fingerprint (of the run's command-line overrides, ``run_info.json``; None without Hydra),
+  completed_at (Unix seconds: ``summary.json``'s ``completed_at``, else its modification time),
+  steps, tokens_seen, train_time_s (training only), eval_time_s, ckpt_time_s (validation and
+  checkpoint seconds of the main run), stage_time_s (the stages' training seconds), stages,
+  total_time_s (train_time_s + stage_time_s), mean_ess,
   mean_time_solve_s, mean_time_cluster_s, ... (means of the mixer's logged timings),
   val/<domain>/loss, val/avg_loss, val/avg_ppl, val/worst_loss,
   downstream/<task>/score, downstream/<task>/stderr, downstream/<task>/metric, downstream/avg,
+  downstream/setting (the task set, num_fewshot and limit the scores were made with),
   has_downstream (False when the run has no ``eval/scores.json``).
 The method, model, dataset and objective are Hydra's choices (``.hydra/hydra.yaml``); runs made
 without Hydra fall back to the mixer's ``_target_``.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,7 @@ METHOD_BY_TARGET = {
 }
 TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", "mixer/time_projection_s")
 IDENTITY = ("method", "model", "dataset", "objective", "m", "seed")
+TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds: training, validation, checkpoints
 
 
 def _read_json(path: Path) -> Any:
@@ -105,13 +112,15 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
         "tags": ",".join(cfg.get("tags") or []),
         "max_steps": (cfg.get("trainer") or {}).get("max_steps"),
         "parameters": info.get("parameters"),
+        "fingerprint": info.get("fingerprint"),
     }
     last_eval, timings = _read_metrics(run_dir)
     row.update(timings)
     summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
     if isinstance(summary, dict) and summary.get("status") == "complete":
         row.update(status="complete", steps=summary.get("steps"), tokens_seen=summary.get("tokens_seen"),
-                   train_time_s=summary.get("train_time_s"))
+                   completed_at=_completed_at(run_dir / "summary.json", summary),
+                   **{key: summary.get(key) for key in TIMES})
         final = summary.get("final_eval") or {}
         row["mean_ess"] = (summary.get("weights") or {}).get("mean_ess", 1.0)
     else:
@@ -127,12 +136,29 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     scores = _read_json(run_dir / "eval" / "scores.json") if (run_dir / "eval" / "scores.json").exists() else None
     row["has_downstream"] = isinstance(scores, dict)
     if isinstance(scores, dict):
+        row["downstream/setting"] = eval_setting(scores)
         for task, entry in (scores.get("tasks") or {}).items():
             row[f"downstream/{task}/score"] = entry.get("score")
             row[f"downstream/{task}/stderr"] = entry.get("stderr")
             row[f"downstream/{task}/metric"] = entry.get("metric")
         row["downstream/avg"] = scores.get("average")
     return row
+
+
+def _completed_at(path: Path, summary: dict[str, Any]) -> float:
+    """When the run completed (Unix seconds): ``completed_at``, or the file's time for a summary without it."""
+    try:
+        return datetime.fromisoformat(str(summary["completed_at"])).timestamp()
+    except (KeyError, ValueError):
+        return path.stat().st_mtime
+
+
+def eval_setting(scores: dict[str, Any]) -> str:
+    """What downstream scores were made with: their task set, shots and item limit (scores of two settings
+    are never averaged into one cell)."""
+    tasks = ",".join(sorted(scores.get("tasks") or {}))
+    limit = scores.get("limit", "?")
+    return f"tasks={tasks}; num_fewshot={scores.get('num_fewshot', '?')}; limit={'all' if limit is None else limit}"
 
 
 def find_run_dirs(roots: Iterable[Path]) -> list[Path]:
@@ -153,7 +179,7 @@ def build_index(roots: Iterable[Path]) -> pd.DataFrame:
     rows = [row for d in find_run_dirs(roots) if (row := read_run(d)) is not None]
     frame = pd.DataFrame(rows)
     if frame.empty:
-        frame = pd.DataFrame(columns=["run_dir", "status", *IDENTITY])
+        frame = pd.DataFrame(columns=["run_dir", "status", *IDENTITY, "fingerprint"])
     return frame
 
 

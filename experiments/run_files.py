@@ -21,7 +21,7 @@ from dograph.data.builder import RunData, build_run_data
 from dograph.distributed import DistContext
 from dograph.models import build_model
 from experiments.artifact import NothingToPlot
-from experiments.scale import REPO, RunRequest, Scale, find_run
+from experiments.scale import REPO, RunRequest, Scale, find_run, make_request
 
 CHECKPOINT = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -29,11 +29,11 @@ CHECKPOINT = re.compile(r"^step_(\d{8})\.pt$")
 def ablation_dograph_request(scale: Scale) -> RunRequest:
     """The DoGraph run of the ablation setting at the first seed (default m and objective): Figures 1 and 3."""
     where = scale.setting("ablation")
-    return RunRequest("dograph", where["model"], where["dataset"], scale.seeds[0], sweep="m_sweep")
+    return make_request(scale, "dograph", where["model"], where["dataset"], scale.seeds[0], sweep="m_sweep")
 
 
 def run_dir_of(index: pd.DataFrame, request: RunRequest) -> Path:
-    """The newest complete run of ``request``; :class:`NothingToPlot` when there is none."""
+    """The complete run of ``request`` completed last; :class:`NothingToPlot` when there is none."""
     found = find_run(index, request)
     if found.empty:
         raise NothingToPlot(f"no complete run for {request.label()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrid
 
 
 def missing_runs(index: pd.DataFrame, requests: list[RunRequest]) -> list[RunRequest]:
-    """The requests with no complete run in ``index`` (in order, without repeats)."""
+    """The requests with no complete run of their fingerprint in ``index`` (in order, without repeats).
+
+    A run made with other overrides (another ``max_steps``, an older ``common``) does not count.
+    """
     seen: list[RunRequest] = []
     for request in requests:
         if request not in seen and find_run(index, request).empty:
@@ -23,13 +27,23 @@ def missing_runs(index: pd.DataFrame, requests: list[RunRequest]) -> list[RunReq
     return seen
 
 
+def _fingerprint_in(run_dir: Path) -> str | None:
+    """The fingerprint ``run_dir/run_info.json`` records (None when there is none or it is unreadable)."""
+    try:
+        return json.loads((run_dir / "run_info.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_command(request: RunRequest, scale: Scale) -> list[str]:
-    """``python run.py ...`` for one request; continues a run that stopped halfway (resume) or starts it over."""
+    """``python run.py ...`` for one request: continues a run of the same overrides that stopped halfway (resume);
+    starts over a run made with other overrides (an older ``common``) or one that never checkpointed."""
     run_dir = request.run_dir(scale)
     extra = []
-    if (run_dir / "checkpoints" / "latest").exists():
+    same = request.fingerprint is not None and _fingerprint_in(run_dir) == request.fingerprint
+    if same and (run_dir / "checkpoints" / "latest").exists():
         extra = ["resume=true"]
-    elif (run_dir / "run_info.json").exists():
+    elif any((run_dir / name).exists() for name in ("run_info.json", "checkpoints")):
         extra = ["overwrite=true"]
     return [sys.executable, str(REPO / "run.py"), *request_overrides(request, scale), *extra]
 
@@ -57,12 +71,15 @@ def train_missing(requests: list[RunRequest], scale: Scale) -> dict[RunRequest, 
 def multirun_commands(requests: list[RunRequest], scale: Scale) -> list[str]:
     """Hydra multiruns that make ``requests``: one per sweep, model, dataset and method-specific overrides.
 
-    Seeds, methods, m and objectives that share the rest become comma lists (``seed=0,1,2``).
+    Seeds, methods, m and objectives that share the rest become comma lists (``seed=0,1,2``). DoGraph has
+    its own line: ``m`` and ``objective`` on another method's command line would change its fingerprint, and
+    the run would not count for its request.
     """
     groups: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for r in requests:
         special = tuple(scale.method_overrides.get(r.method, []))
-        key = (r.sweep, r.model, r.dataset, special if special else ("",), r.method if special else "")
+        own = bool(special) or r.method == "dograph"
+        key = (r.sweep, r.model, r.dataset, special if special else ("",), r.method if own else "")
         for name, value in (("mixer", r.method), ("seed", r.seed)):
             groups[key][name].add(value)
         if r.method == "dograph":

@@ -3,13 +3,15 @@
 The scale's settings live in ``conf/reproduce/<scale>.yaml`` (models and datasets standing for
 the paper's settings, seeds, the overrides every run gets). A :class:`RunRequest` names one run
 by what identifies it in the results index (method, model, dataset, seed, and for DoGraph m and
-the objective); :func:`request_overrides` turns it into the ``run.py`` command line.
+the objective); :func:`request_overrides` turns it into the ``run.py`` command line, and the
+fingerprint of that command line (:func:`make_request`) is what a run must carry to count for it
+(``run_info.json``: a hand-made run with other settings, or a run of an older ``common``, does not).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,7 @@ class RunRequest:
     m: int = DEFAULT_M
     objective: str = DEFAULT_OBJECTIVE
     sweep: str = field(default="methods", compare=False)  # the conf/experiment sweep that makes it by hand
+    fingerprint: str | None = field(default=None, compare=False)  # of request_overrides at its scale (make_request)
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {"method": self.method, "model": self.model, "dataset": self.dataset,
@@ -115,26 +118,43 @@ def request_overrides(request: RunRequest, scale: Scale) -> list[str]:
             f"paths.output_root={scale.runs_root}", f"hydra.run.dir={request.run_dir(scale)}"]
 
 
+def make_request(scale: Scale, method: str, model: str, dataset: str, seed: int, **kwargs: Any) -> RunRequest:
+    """A request at ``scale``, with the fingerprint of the overrides the scale gives it (``kwargs``: m, objective,
+    sweep)."""
+    from dograph.app import overrides_fingerprint  # the function run.py records with (imported when needed: heavy)
+
+    request = RunRequest(method, model, dataset, seed, **kwargs)
+    return replace(request, fingerprint=overrides_fingerprint(request_overrides(request, scale)))
+
+
 def method_requests(scale: Scale, setting: str, methods: list[str] | None = None) -> list[RunRequest]:
     """Every method x seed on one paper setting (Tables 1-5)."""
     where = scale.setting(setting)
-    return [RunRequest(method, where["model"], where["dataset"], seed)
+    return [make_request(scale, method, where["model"], where["dataset"], seed)
             for method in (methods or scale.methods) for seed in scale.seeds]
 
 
 def find_run(index: pd.DataFrame, request: RunRequest) -> pd.DataFrame:
-    """The complete runs in ``index`` that are ``request`` (newest last)."""
-    if index.empty or "status" not in index.columns:
+    """The complete runs in ``index`` made with exactly the overrides ``request`` asks for (completed last, last).
+
+    A run counts only when its fingerprint (``run_info.json``) is the request's: same identity, same
+    ``common`` and ``method_overrides`` of the scale. Several such runs (one made by the scale, one by
+    hand with the same command line) are ordered by ``completed_at``; callers take the last.
+    """
+    if request.fingerprint is None:
+        raise ValueError(f"request {request.label()} has no fingerprint: build it with make_request(scale, ...)")
+    if index.empty or "status" not in index.columns or "fingerprint" not in index.columns:
         return index.iloc[0:0]
     frame = complete(index)
     for key, value in request.identity().items():
         if key not in frame.columns:
             return frame.iloc[0:0]
         frame = frame[frame[key] == value]
-    return frame
+    frame = frame[frame["fingerprint"] == request.fingerprint]
+    return frame.sort_values("completed_at", kind="stable") if "completed_at" in frame.columns else frame
 
 
 def rows_for(index: pd.DataFrame, requests: list[RunRequest]) -> pd.DataFrame:
-    """The complete runs of ``requests`` (one per request: the newest when several match)."""
+    """The complete runs of ``requests`` (one per request: the one completed last when several match)."""
     frames = [found.tail(1) for r in requests if not (found := find_run(index, r)).empty]
     return pd.concat(frames) if frames else index.iloc[0:0]

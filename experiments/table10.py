@@ -8,7 +8,7 @@ import pandas as pd
 
 from experiments.common import CI_NOTE, Column, estimate, metric, missing_note, ppl_of, scale_title
 from experiments.render import NOT_AVAILABLE, Table
-from experiments.scale import RunRequest, Scale, rows_for
+from experiments.scale import RunRequest, Scale, make_request, rows_for
 
 NAME = "table10"
 TITLE = "Table 10: DoGraph's objectives: solve time per step and validation loss"
@@ -23,7 +23,8 @@ COLUMNS = (Column("Solve time (ms/step)", metric("mean_time_solve_s", 1000.0), 2
 
 def requests(scale: Scale) -> list[RunRequest]:
     where = scale.setting(SETTING)
-    return [RunRequest("dograph", where["model"], where["dataset"], seed, objective=objective, sweep="objectives")
+    return [make_request(scale, "dograph", where["model"], where["dataset"], seed, objective=objective,
+                         sweep="objectives")
             for objective in scale.objectives for seed in scale.seeds]
 
 

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import CI_NOTE, Column, method_rows, metric, missing_note, ppl_of, scale_title
+from experiments.common import (
+    CI_NOTE,
+    Column,
+    method_rows,
+    metric,
+    missing_note,
+    ppl_of,
+    scale_title,
+    shared_stage_note,
+)
 from experiments.index import domains_of
 from experiments.render import Table
 from experiments.scale import RunRequest, Scale, method_requests, rows_for
@@ -31,7 +40,7 @@ def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
     columns += [Column("Avg loss", metric("val/avg_loss"), 3), Column("Avg PPL", ppl_of("val/avg_loss"), 2),
                 Column("Worst loss", metric("val/worst_loss"), 3)]
     notes = [CI_NOTE, "Loss: mean token cross-entropy in nats; Avg: weighted by the natural mixture; "
-             "PPL = exp(Avg loss).", *missing_note(index, requests(scale))]
+             "PPL = exp(Avg loss).", *shared_stage_note(scale.methods), *missing_note(index, requests(scale))]
     rows = method_rows(index, requests(scale), columns, scale.methods)
     title = scale_title(TITLE, scale, SETTING)
     return Table(NAME, title, ["Method", *(c.header for c in columns)], rows, notes).write(out_dir)

@@ -29,8 +29,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, local_corpus: Path, cache
 
 
 @pytest.fixture(scope="module")
-def scale(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Scale:
-    return tiny_scale(tiny_run.parent.parent.parent, tmp_path_factory.mktemp("results"))
+def scale(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, local_corpus: Path) -> Scale:
+    return tiny_scale(tiny_run.parent.parent.parent, tmp_path_factory.mktemp("results"), local_corpus)
 
 
 def written(paths: list[Path]) -> set[str]:
