@@ -28,6 +28,7 @@ import numpy as np
 
 from baselines.fixed import FixedMixer
 from dograph.errors import ConfigError
+from dograph.pipeline import replace_atomically, write_text_atomically
 from dograph.reporting import markdown_table
 from dograph.sweep import SweepResult, SweepSpec
 
@@ -113,8 +114,9 @@ class SweepFitMixer(FixedMixer):
                 "settings": self.settings}
 
     def write_report(self, directory: Path, suffix: str = "") -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"fit{suffix}.json").write_text(json.dumps(self.report(), indent=2, default=str))
+        """``fit.json`` and the plot; each written under a temporary name of this process, then renamed
+        (main runs that share a sweep write the same files into its directory)."""
+        write_text_atomically(directory / f"fit{suffix}.json", json.dumps(self.report(), indent=2, default=str))
         plot_predicted_vs_measured(self.outcome, self.label, directory / f"predicted_vs_measured{suffix}.png")
 
     def save_artifacts(self, out_dir: Path) -> None:
@@ -155,5 +157,5 @@ def plot_predicted_vs_measured(outcome: FitOutcome, label: str, path: Path) -> N
     ax.set_title(f"{label}: {len(outcome.measured)} proxies", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)

@@ -2,9 +2,12 @@
 
 ``dograph.sweep`` launches it when ``mixer.launcher`` is not ``basic``, so Hydra's launcher
 plugins (joblib, submitit) run the proxies; each job reads the sweep's description
-(``sweep.json``: the main run's config, the method, the sweep) and trains proxy ``job.index``
-exactly as the in-process path does (a pipeline stage: reused when complete, resumed when
-interrupted, ``failed.json`` on an error).
+(``sweep.json``: the main run's config, the method, the sweep, the stage environment) and
+trains proxy ``job.index`` exactly as the in-process path does (a pipeline stage: reused when
+complete, resumed when interrupted, ``failed.json`` on an error, ``paused.json`` when
+``stop_after_steps`` pauses it: the launching run then stops the sweep with one line). The
+environment is the launching run's, so the job computes the same stage keys and trains on the
+device type that run resolved (``trainer.precision=auto`` means the same precision).
 """
 
 from __future__ import annotations
@@ -23,14 +26,21 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     from dograph.app import _train, configure_runtime
     from dograph.config import run_config_from_dict
-    from dograph.distributed import DistContext
+    from dograph.distributed import DistContext, resolve_device
+    from dograph.pipeline import StageEnvironment, StageIncomplete
     from dograph.sweep import SweepSpec, train_proxy
 
     configure_runtime()
     job = json.loads(Path(cfg.job.file).read_text())
     spec = SweepSpec(**{**job["spec"], "launcher_overrides": tuple(job["spec"]["launcher_overrides"])})
-    outcome = train_proxy(run_config_from_dict(job["main"]), job["method"], spec, int(cfg.job.index),
-                          DistContext(), _train)
+    env = StageEnvironment(**job["environment"])
+    dist = DistContext(device=resolve_device(env.device_type))
+    try:
+        outcome = train_proxy(run_config_from_dict(job["main"]), job["method"], spec, int(cfg.job.index), dist,
+                              _train, env)
+    except StageIncomplete as exc:  # paused.json is written: the launching run stops the sweep
+        log.info("proxy %s paused: %s", cfg.job.index, exc)
+        return
     log.info("proxy %d: %s", outcome.index, "done" if outcome.ok else f"failed ({outcome.error})")
 
 

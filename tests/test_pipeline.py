@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
+import re
+import shutil
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from conftest import compose_config
-from helpers import build_local_corpus
+from helpers import build_local_corpus, free_port
 
+import dograph.pipeline
 from baselines.fixed import PUBLISHED_MIXTURES, SLIMPAJAMA, StageMixtureMixer, resolve_mixture
 from dograph.app import run_training
-from dograph.config import to_run_config
+from dograph.config import DataConfig, to_run_config
 from dograph.distributed import DistContext
 from dograph.errors import ConfigError, DataError
 from dograph.metrics import read_metrics
 from dograph.mixing import Mixer, MixerOutput, StepSignals
-from dograph.pipeline import StageIncomplete, StageSpec, read_marker, stage_config, stage_key, stage_lock
+from dograph.pipeline import (
+    StageEnvironment,
+    StageIncomplete,
+    StageSpec,
+    corpus_fingerprint,
+    read_marker,
+    run_stage,
+    stage_config,
+    stage_environment,
+    stage_key,
+    stage_lock,
+    tokenizer_fingerprint,
+)
 
 # ---- a two-stage method for the tests: uniform "first", then "second" turns first's steps into a mixture
 
@@ -117,7 +135,7 @@ def test_stage_key_covers_what_determines_the_stage(staged) -> None:
     spec = TwoStageMethod.plan_stages(base.mixer)[0]
 
     def key(cfg, s=spec) -> str:
-        return stage_key("m", s, stage_config(cfg, "m", s), {})
+        return stage_key("m", s, stage_config(cfg, "m", s), {}, ENV)
 
     reference = key(base)
     assert key(staged("seed=7")) == reference  # the main run's seed is not the stage's
@@ -130,6 +148,202 @@ def test_stage_key_covers_what_determines_the_stage(staged) -> None:
     assert len({reference, *(key(base, s) for s in changed)}) == 1 + len(changed)
     cosmetic = dataclasses.replace(spec, settings={**spec.settings, "log_every": 1, "stop_after_steps": 2})
     assert key(base, cosmetic) == reference
+
+
+ENV = StageEnvironment(world_size=1, device_type="cpu", corpus="corpus-a")
+
+
+def test_stage_key_changes_with_format_version_world_size_and_precision(staged, monkeypatch) -> None:
+    base = staged()
+    spec = TwoStageMethod.plan_stages(base.mixer)[0]
+
+    def key(precision: str = "auto", env: StageEnvironment = ENV) -> str:
+        s = dataclasses.replace(spec, settings={**spec.settings, "precision": precision})
+        return stage_key("m", s, stage_config(base, "m", s), {}, env)
+
+    cuda = dataclasses.replace(ENV, device_type="cuda")
+    reference = key()
+    assert key(env=dataclasses.replace(ENV, git={"commit": "other", "dirty": True})) == reference  # recorded only
+    assert key(env=dataclasses.replace(ENV, world_size=2)) != reference  # another rank's share of the documents
+    assert key(env=dataclasses.replace(ENV, corpus="corpus-b")) != reference
+    # trainer.precision=auto is fp32 on CPU and bf16 on CUDA; the device itself is cosmetic
+    assert key(env=cuda) != reference
+    assert key("fp32") == reference and key("fp32", cuda) == reference
+    assert key("bf16") == key(env=cuda) == key("bf16", cuda)
+    monkeypatch.setattr("dograph.pipeline.STAGE_FORMAT_VERSION", dograph.pipeline.STAGE_FORMAT_VERSION + 1)
+    assert key() != reference  # stage-making code changed: no stage made by the old code is reused
+
+
+def test_stage_key_follows_the_jsonl_corpus_files(make_config, local_corpus: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(local_corpus, corpus)
+    cfg = make_config(f"dataset.path={corpus}", f"paths.output_root={tmp_path / 'out'}")
+    cfg = dataclasses.replace(cfg, mixer=method_node())
+    spec = TwoStageMethod.plan_stages(cfg.mixer)[0]
+
+    def key() -> str:
+        env = stage_environment(cfg, DistContext(), [stage_config(cfg, "m", spec)])
+        return stage_key("m", spec, stage_config(cfg, "m", spec), {}, env)
+
+    reference = key()
+    assert key() == reference
+    (corpus / "README.txt").write_text("not a domain file")  # not read by the corpus: same key
+    assert key() == reference
+    domain_file = sorted(corpus.glob("*.jsonl"))[0]
+    with open(domain_file, "a") as handle:
+        handle.write(json.dumps({"text": "one more document"}) + "\n")
+    assert key() != reference
+
+
+def test_embedded_corpus_is_fingerprinted_by_its_manifest(tmp_path: Path, monkeypatch) -> None:
+    built = tmp_path / "embedded" / "v1"
+    built.mkdir(parents=True)
+    monkeypatch.setattr("dograph.data.embedded.ensure_embedded_corpus", lambda *a, **k: built)
+    (built / "manifest.json").write_text('{"domains": {"code": {"sha256": "aa"}}}')
+    first = corpus_fingerprint(DataConfig(source="embedded"), tmp_path)
+    (built / "code.jsonl").write_text("{}")  # files are checked against the manifest when the corpus is loaded
+    assert corpus_fingerprint(DataConfig(source="embedded"), tmp_path) == first
+    (built / "manifest.json").write_text('{"domains": {"code": {"sha256": "bb"}}}')
+    assert corpus_fingerprint(DataConfig(source="embedded"), tmp_path) != first
+
+
+def test_tokenizer_fingerprint_hashes_a_directory_and_keeps_names(tmp_path: Path) -> None:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    (tok / "tokenizer_config.json").write_text("{}")
+    first = tokenizer_fingerprint(str(tok))
+    shutil.copytree(tok, tmp_path / "copy")
+    assert tokenizer_fingerprint(str(tmp_path / "copy")) == first  # content, not place
+    (tok / "model.safetensors").write_bytes(b"weights of a model directory")
+    assert tokenizer_fingerprint(str(tok)) == first
+    (tok / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    assert tokenizer_fingerprint(str(tok)) != first
+    assert tokenizer_fingerprint("org/some-tokenizer") == "name:org/some-tokenizer"  # a hub name
+    assert tokenizer_fingerprint("bpe8k").startswith("bpe8k:") and tokenizer_fingerprint("gpt2") == "gpt2"
+
+
+def fake_train(cfg, run_dir: Path, dist, stage_results=None, **_: Any) -> SimpleNamespace:
+    """Stands in for a stage's training (no model): what run_stage reads of a TrainResult."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(stopped_early=False, outputs={"mixture": [1.0]}, final_eval={},
+                           state=SimpleNamespace(step=cfg.trainer.max_steps, elapsed=0.5))
+
+
+def test_stage_records_its_commit_and_a_reuse_by_another_commit_says_so(staged, caplog) -> None:
+    main = staged()
+    spec = TwoStageMethod.plan_stages(main.mixer)[0]
+    made = dataclasses.replace(ENV, git={"commit": "aaa111", "dirty": True})
+    first = run_stage(main, "m", spec, {}, DistContext(), fake_train, env=made)
+    assert read_marker(first.run_dir)["git"] == {"commit": "aaa111", "dirty": True}
+    assert read_marker(first.run_dir)["stage_format"] == dograph.pipeline.STAGE_FORMAT_VERSION
+    with caplog.at_level(logging.INFO, logger="dograph.pipeline"):
+        same = run_stage(main, "m", spec, {}, DistContext(), fake_train, env=made)
+    assert same.reused and "made by commit" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="dograph.pipeline"):
+        again = run_stage(main, "m", spec, {}, DistContext(), fake_train,
+                          env=dataclasses.replace(ENV, git={"commit": "bbb222", "dirty": False}))
+    assert again.reused and again.run_dir == first.run_dir
+    lines = [r.getMessage() for r in caplog.records if "made by commit" in r.getMessage()]
+    assert lines == [f"stage m/first was made by commit aaa111 (dirty); this is bbb222 (same stage format "
+                     f"{dograph.pipeline.STAGE_FORMAT_VERSION}, so reused)"]
+
+
+def _unreadable_record_on_rank(rank: int, world: int, port: int, main: Any, out_dir: str) -> None:
+    """Rank 0 finds a damaged stage.json; every rank must raise the same line (no rank left waiting)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    context = DistContext(rank=rank, world_size=world)
+    spec = TwoStageMethod.plan_stages(main.mixer)[0]
+    env = stage_environment(main, context, [stage_config(main, "m", spec)])
+    _, _, run_dir = dograph.pipeline.locate_stage(main, "m", spec, {}, env)
+    if rank == 0:
+        run_dir.mkdir(parents=True)
+        (run_dir / "stage.json").write_text("{truncated")
+    try:
+        run_stage(main, "m", spec, {}, context, fake_train, env=env)
+        outcome = "no error"
+    except DataError as exc:
+        outcome = f"DataError: {exc}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+class ThreadWorld:
+    """Collectives of a world of threads (one per rank): a fake process group, fast and in-process.
+
+    A rank that never reaches a collective leaves the others waiting: they fail after ``timeout``.
+    """
+
+    def __init__(self, world: int, timeout: float = 10.0) -> None:
+        self.wall = threading.Barrier(world, timeout=timeout)
+        self.slots: list[Any] = [None] * world
+
+    def barrier(self, ctx: DistContext) -> None:
+        if ctx.enabled:
+            self.wall.wait()
+
+    def all_gather_objects(self, ctx: DistContext, obj: Any) -> list[Any]:
+        if not ctx.enabled:
+            return [obj]
+        self.wall.wait()
+        self.slots[ctx.rank] = obj
+        self.wall.wait()
+        out = list(self.slots)
+        self.wall.wait()
+        return out
+
+
+def test_an_unreadable_record_fails_every_rank_with_the_same_line(staged, monkeypatch) -> None:
+    """Rank 0 alone reads stage.json; when it cannot, every rank raises its one line (none waits)."""
+    main = staged()
+    spec = TwoStageMethod.plan_stages(main.mixer)[0]
+    env = dataclasses.replace(ENV, world_size=2)
+    _, _, run_dir = dograph.pipeline.locate_stage(main, "m", spec, {}, env)
+    run_dir.mkdir(parents=True)
+    (run_dir / "stage.json").write_text("{truncated")
+    world = ThreadWorld(2)
+    monkeypatch.setattr(dograph.pipeline, "all_gather_objects", world.all_gather_objects)
+    monkeypatch.setattr(dograph.pipeline, "barrier", world.barrier)
+    outcomes: dict[int, str] = {}
+
+    def rank(r: int) -> None:
+        try:
+            run_stage(main, "m", spec, {}, DistContext(rank=r, world_size=2), fake_train, env=env)
+            outcomes[r] = "no error"
+        except Exception as exc:
+            outcomes[r] = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes[0] == outcomes[1], outcomes
+    assert re.match(r"DataError: stage record .*stage\.json is unreadable .*delete", outcomes[0])
+
+
+@pytest.mark.slow
+def test_an_unreadable_record_fails_every_gloo_rank_with_the_same_line(staged, tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [context.Process(target=_unreadable_record_on_rank, args=(r, 2, port, staged(), str(tmp_path)))
+             for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(150)
+    alive = [p for p in ranks if p.is_alive()]
+    for process in alive:
+        process.kill()
+    assert not alive, "a rank was left waiting in a collective"
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert lines[0] == lines[1] and re.match(r"DataError: stage record .*stage\.json is unreadable", lines[0])
 
 
 def test_interrupted_stage_resumes_and_matches_an_uninterrupted_one(staged, tmp_path: Path) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,11 +20,15 @@ import pytest
 import torch
 from helpers import REPO
 
+import dograph.pipeline
 import dograph.sweep
 from baselines.fixed import FixedMixer
+from baselines.sweep_fit import FitOutcome, SweepFitMixer
 from dograph.app import run_training
+from dograph.distributed import DistContext
 from dograph.errors import DataError
-from dograph.sweep import SweepSpec
+from dograph.pipeline import StageIncomplete
+from dograph.sweep import ProxyOutcome, SweepResult, SweepSpec
 
 MIXTURES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]]
 
@@ -128,6 +137,130 @@ def test_a_failed_proxy_is_reported_and_left_out(sweep_cfg, tmp_path: Path, monk
     with pytest.raises(DataError, match=r"only 3 of 4 test_sweep proxies succeeded; the fit needs at least 4 "
                                         r"\(mixer\.min_proxies\)"):
         run_training(sweep_cfg(min_proxies=4), tmp_path / "refused")
+
+
+def test_a_paused_proxy_stops_the_sweep_and_the_same_command_continues_it(sweep_cfg, tmp_path: Path) -> None:
+    """stop_after_steps pauses a proxy: the sweep stops in one line (not "failed"), and reruns continue it."""
+    cfg = sweep_cfg(count=2, proxy={"model": "gpt2_tiny", "trainer": "debug", "max_steps": 2, "seed": 3,
+                                    "stop_after_steps": 1})
+    for paused in (0, 1):  # each run finishes the paused proxy, then pauses the next one
+        with pytest.raises(StageIncomplete, match=r"stage test_sweep/proxy stopped at step 1 of 2 "
+                                                  r"\(stop_after_steps\): run the same command again"):
+            run_training(cfg, tmp_path / "main")
+        root = tmp_path / "out" / "stages" / "test_sweep"
+        assert not list(root.glob("proxy-*/failed.json"))
+        assert len(list(root.glob("proxy-*/paused.json"))) == 1 and len(markers(tmp_path)) == paused
+    result = run_training(cfg, tmp_path / "main")
+    assert [(r["status"], r["steps"]) for r in table(tmp_path)] == [("ok", "2"), ("ok", "2")]
+    assert not list((tmp_path / "out" / "stages" / "test_sweep").glob("proxy-*/paused.json"))
+    assert result.state.step == 2
+
+
+DOMAINS = ["code", "docs", "licences"]
+
+
+def fake_train(cfg, run_dir: Path, dist, stage_results=None, **_: Any) -> SimpleNamespace:
+    """Stands in for a proxy's training (no model), with the trainer's pause and resume.
+
+    ``steps`` holds the steps done; ``stop_after_steps`` pauses after that many more (checkpointed).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = int((run_dir / "steps").read_text()) if cfg.resume else 0
+    done = min(cfg.trainer.max_steps, done + (cfg.trainer.stop_after_steps or cfg.trainer.max_steps))
+    (run_dir / "steps").write_text(str(done))
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "checkpoints" / "latest").write_text(str(done))
+    losses = {f"val/{d}/loss": 2.0 + i for i, d in enumerate(DOMAINS)}
+    return SimpleNamespace(stopped_early=done < cfg.trainer.max_steps, outputs={},
+                           final_eval={**losses, "val/avg_loss": 3.0}, state=SimpleNamespace(step=done, elapsed=0.1))
+
+
+def fake_sweep(launcher: str = "basic", **settings: Any) -> SweepSpec:
+    return SweepSpec("proxy", {"_target_": "baselines.fixed.FixedMixer"}, MIXTURES[:3],
+                     {"model": "gpt2_tiny", "trainer": "debug", "max_steps": 2, "seed": 3, **settings},
+                     min_success=2, launcher=launcher)
+
+
+def test_paused_proxies_of_a_launcher_stop_the_sweep(sweep_cfg, tmp_path: Path, monkeypatch) -> None:
+    """A launcher's jobs pause (paused.json): the sweep stops in one line instead of fitting on fewer proxies."""
+    main, spec = sweep_cfg(), fake_sweep("joblib", stop_after_steps=1)
+
+    def jobs(main, method_name, spec, missing, directory, env) -> None:  # what dograph.sweep_job does per proxy
+        for index in missing:
+            with contextlib.suppress(StageIncomplete):
+                dograph.sweep.train_proxy(main, method_name, spec, index, DistContext(), fake_train, env)
+
+    monkeypatch.setattr(dograph.sweep, "_launch_multirun", jobs)
+    with pytest.raises(StageIncomplete, match=r"3 of 3 test_sweep proxies stopped before their last step "
+                                              r"\(stop_after_steps\), the first in .*proxy-.*: run the same command"):
+        dograph.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)
+    assert [r["status"] for r in table(tmp_path)] == ["paused"] * 3
+    result = dograph.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)  # resumes
+    assert [o.ok for o in result.outcomes] == [True] * 3 and [o.result.steps for o in result.outcomes] == [2] * 3
+
+
+def _write_tables(result: SweepResult, rounds: int) -> None:
+    for _ in range(rounds):
+        dograph.sweep.write_table(result, {"seed": 3})
+
+
+def test_main_runs_sharing_a_sweep_write_its_table_under_their_own_temporaries(tmp_path: Path) -> None:
+    """Two processes rewrite mixtures.csv at once: no clash of temporaries, never a torn table."""
+    outcomes = [ProxyOutcome(i, [1.0, 0.0, 0.0], tmp_path / f"proxy-{i}", error="x" * 2000) for i in range(50)]
+    result = SweepResult("m", "proxy", DOMAINS, tmp_path / "sweep", outcomes)
+    context = multiprocessing.get_context("fork")  # fast: nothing to import again
+    writers = [context.Process(target=_write_tables, args=(result, 200)) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [w.exitcode for w in writers] == [0, 0]  # a shared temporary name makes one writer's rename fail
+    with open(result.table) as handle:
+        assert len(list(csv.DictReader(handle))) == 50
+    assert sorted(p.name for p in result.directory.iterdir()) == ["mixtures.csv"]  # no temporary left behind
+
+
+def test_fit_report_and_plot_are_written_under_temporaries_of_this_process(tmp_path: Path, monkeypatch) -> None:
+    renamed: list[tuple[str, str]] = []
+    real = os.replace
+
+    def recording(src, dst) -> None:
+        renamed.append((Path(src).name, Path(dst).name))
+        real(src, dst)
+
+    monkeypatch.setattr(dograph.pipeline.os, "replace", recording)
+    outcome = FitOutcome(np.array([0.5, 0.5]), 1.0, "loss", {}, np.array([1.0, 2.0]), np.array([1.1, 1.9]))
+    reporter = SimpleNamespace(report=lambda: {"predicted_loss": 1.0}, outcome=outcome, label="toy")
+    SweepFitMixer.write_report(reporter, tmp_path, "-abc")
+    SweepFitMixer.write_report(reporter, tmp_path, "-abc")
+    assert sorted({dst for _, dst in renamed}) == ["fit-abc.json", "predicted_vs_measured-abc.png"]
+    temporaries = [src for src, _ in renamed]
+    assert len(set(temporaries)) == 4 and all(f".{os.getpid()}-" in src for src in temporaries)
+    assert (tmp_path / "predicted_vs_measured-abc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _hold_sweep_lock(directory: str, held: Any, seconds: float) -> None:
+    with dograph.sweep.sweep_lock(Path(directory), DistContext()):
+        held.set()
+        time.sleep(seconds)
+
+
+def test_main_runs_sharing_a_sweep_take_its_lock(sweep_cfg, tmp_path: Path) -> None:
+    """A second main run waits for the first to finish with the sweep before it writes the sweep's files."""
+    main, spec = sweep_cfg(), fake_sweep()
+    env = dograph.sweep.sweep_environment(main, "test_sweep", spec, DistContext())
+    keys = [dograph.pipeline.locate_stage(main, "test_sweep", spec.proxy(i), {}, env)[1] for i in range(3)]
+    directory = dograph.sweep.sweep_directory(main, "test_sweep", spec, keys)
+    context = multiprocessing.get_context("fork")
+    held = context.Event()
+    other = context.Process(target=_hold_sweep_lock, args=(str(directory), held, 2.0))
+    other.start()
+    assert held.wait(60)
+    started = time.perf_counter()
+    result = dograph.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)
+    waited = time.perf_counter() - started
+    other.join(30)
+    assert result.directory == directory and waited > 1.0, waited
 
 
 @pytest.mark.slow
