@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -36,7 +35,14 @@ from dograph.errors import ConfigError, DographError
 from dograph.metrics import MetricsWriter
 from dograph.mixing import Mixer
 from dograph.models import build_model, count_parameters, format_count
-from dograph.pipeline import StageResult, StageSpec, run_stages, write_stage_summary
+from dograph.pipeline import (
+    StageResult,
+    StageSpec,
+    git_state,
+    run_stages,
+    write_stage_summary,
+    write_text_atomically,
+)
 from dograph.reporting import print_run_summary
 from dograph.sweep import SweepResult, run_sweep
 from dograph.trainer import Trainer, TrainResult
@@ -116,22 +122,10 @@ def build_mixer(cfg: RunConfig, data: RunData, dist: DistContext,
     return mixer
 
 
-def _git_info() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                                    timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": commit, "dirty": dirty}
-
-
 # Overrides that say where a run lives or how a command continues it, never what it trains: left out of
 # its fingerprint (docs/design.md section 1.4). Hydra's own overrides (hydra.*, hydra/...) are left out too.
 FINGERPRINT_IGNORED = ("resume", "overwrite", "tags", "paths.output_root", "paths.cache_dir",
-                       "trainer.stop_after_steps")
+                       "trainer.stop_after_steps", "logger", "trainer.progress", "trainer.log_every")
 
 
 def canonical_overrides(overrides: list[str]) -> list[str]:
@@ -182,12 +176,12 @@ def write_run_info(run_dir: Path, cfg: RunConfig, dist: DistContext, n_params: i
         except metadata.PackageNotFoundError:
             continue
     overrides = hydra_task_overrides(run_dir)
-    info = {"git": _git_info(), "packages": packages, "python": sys.version.split()[0],
+    info = {"git": git_state(), "packages": packages, "python": sys.version.split()[0],
             "machine": platform.platform(), "device": str(dist.device), "world_size": dist.world_size,
             "parameters": n_params, "command": sys.argv,
             "overrides": None if overrides is None else canonical_overrides(overrides),
             "fingerprint": None if overrides is None else overrides_fingerprint(overrides), "config": asdict(cfg)}
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    write_text_atomically(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))  # it decides resumes
 
 
 def dry_run(cfg: RunConfig) -> None:

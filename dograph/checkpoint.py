@@ -271,6 +271,25 @@ def load_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     raise DataError(f"{problem}; no other checkpoint in {directory} can be read either")
 
 
+ABANDONED_SUFFIX = ".abandoned"
+
+
+def set_aside_newer(directory: Path, resumed: Path) -> list[str]:
+    """After resuming from an older checkpoint than ``latest`` named: point ``latest`` at it and rename
+    every newer checkpoint (and shards) to ``*.abandoned``, so no later prune or reader takes the abandoned
+    stretch for the run's history. Returns the names set aside.
+    """
+    step = int(_NAME.match(resumed.name).group(1))
+    _fsync_write(directory / "latest", lambda handle: handle.write(resumed.name.encode()))
+    moved = []
+    for p in sorted(directory.iterdir()):
+        m = _NAME.match(p.name) or _SHARDS.match(p.name)
+        if m and int(m.group(1)) > step:
+            p.rename(p.with_name(p.name + ABANDONED_SUFFIX))
+            moved.append(p.name)
+    return moved
+
+
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's whole model state in this one process (no process group), e.g. to rebuild the model.
 

@@ -50,6 +50,7 @@ from torch import Tensor
 __all__ = ["ClusterRefresh", "KMeansClusterer", "match_centroids", "matching_permutation", "squared_distances"]
 
 logger = logging.getLogger(__name__)
+FAISS_SEED_LIMIT = 2**31  # faiss.Kmeans takes its seed as a C int
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ class KMeansClusterer:
             niter=self.niter_warm if warm else self.niter,
             nredo=1 if warm else self.nredo_first,
             init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,  # our choice, see the module doc
-            seed=self.seed + self.num_fits,
+            seed=(self.seed + self.num_fits) % FAISS_SEED_LIMIT,  # a C int in FAISS; run seeds go up to 2**32
             max_points_per_centroid=n,  # docs/design.md section 6: the default 256 would subsample the buffer
             min_points_per_centroid=1,  # our choice: silences faiss's "too few points" warning
             check_input_data_for_NaNs=False,  # checked in _check_input with a clear message

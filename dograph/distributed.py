@@ -7,12 +7,17 @@ every helper here is then a no-op, so library code calls them unconditionally.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dograph.errors import DographError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,30 @@ def all_gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
     dist.all_gather_object(out, obj)
     return out
 
+
+
+def from_main(ctx: DistContext, compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0, its value on every rank.
+
+    An error there is raised on every rank with the same one line, so no rank waits in a
+    collective that rank 0 never reaches (a bug keeps its trace on rank 0).
+    """
+    outcome: tuple[bool, Any] | None = None
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            outcome = (True, compute())
+        except Exception as exc:  # shared with the other ranks, then raised
+            error = exc
+            shared = exc if isinstance(exc, DographError) else DographError(
+                f"rank 0 failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            outcome = (False, shared)
+    ok, value = all_gather_objects(ctx, outcome)[0]
+    if ok:
+        return value
+    if error is not None:
+        raise error
+    raise value
 
 
 def barrier(ctx: DistContext) -> None:

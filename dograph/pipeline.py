@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dograph.config import DataConfig, ModelConfig, RunConfig, TrainerConfig, load_group_option
-from dograph.distributed import DistContext, all_gather_objects, barrier
+from dograph.distributed import DistContext, all_gather_objects, barrier, from_main
 from dograph.errors import ConfigError, DataError, DographError
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def corpus_fingerprint(cfg: DataConfig, cache_dir: Path) -> str:
         from dograph.data.embedded import ensure_embedded_corpus
 
         directory = ensure_embedded_corpus(cache_dir, min_domains=cfg.min_domains, log=log.info)
-        return "embedded:" + hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
+        return "embedded:" + embedded_manifest_digest(json.loads((directory / "manifest.json").read_text()))
     path = Path(os.path.expanduser(str(cfg.path)))
     if not path.exists():
         if cfg.source == "hf":
@@ -195,6 +195,17 @@ def corpus_fingerprint(cfg: DataConfig, cache_dir: Path) -> str:
         files, root = _visible_files(path), path
     text = json.dumps([cfg.source, _file_stats(files, root)])
     return f"{cfg.source}:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def embedded_manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of what the embedded corpus holds: its version, build parameters and each domain file's sha256.
+
+    The manifest's build date, builder machine and timings are left out, so the same corpus rebuilt
+    elsewhere (or after the cache was cleared) keeps its stage keys.
+    """
+    content = {"version": manifest.get("corpus_version"), "params": manifest.get("params"),
+               "files": {d: e.get("sha256") for d, e in manifest.get("domains", {}).items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def tokenizer_fingerprint(name: str) -> str:
@@ -219,12 +230,21 @@ def tokenizer_fingerprint(name: str) -> str:
     return f"name:{name}"
 
 
+def tokenizer_key_name(name: str) -> str:
+    """The tokenizer as the stage key names it: a directory or file by ``path`` (its contents are
+    fingerprinted beside it, so moving or copying it keeps the key), anything else by its name."""
+    return "path" if not BUILTIN_TOKENIZER.match(name) and Path(os.path.expanduser(name)).exists() else name
+
+
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """The checkout's commit (``unknown`` outside git) and whether it has uncommitted changes."""
+    """The checkout's commit (``unknown`` outside git) and whether tracked files have uncommitted changes.
+
+    Untracked files (run outputs, results written inside the checkout) do not make it dirty.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                                timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
     if head.returncode != 0 or not head.stdout.strip():
@@ -254,30 +274,6 @@ class StageEnvironment:
         return asdict(self)
 
 
-def from_main(dist: DistContext, compute: Callable[[], T]) -> T:
-    """``compute()`` on rank 0, its value on every rank.
-
-    An error there is raised on every rank with the same one line, so no rank waits in a
-    collective that rank 0 never reaches (a bug keeps its trace on rank 0).
-    """
-    outcome: tuple[bool, Any] | None = None
-    error: Exception | None = None
-    if dist.is_main:
-        try:
-            outcome = (True, compute())
-        except Exception as exc:  # shared with the other ranks, then raised
-            error = exc
-            shared = exc if isinstance(exc, DographError) else DographError(
-                f"rank 0 failed: {type(exc).__name__}: {exc}".splitlines()[0])
-            outcome = (False, shared)
-    ok, value = all_gather_objects(dist, outcome)[0]
-    if ok:
-        return value
-    if error is not None:
-        raise error
-    raise value
-
-
 def stage_environment(main: RunConfig, dist: DistContext, configs: Sequence[RunConfig] = ()) -> StageEnvironment:
     """The environment of the stages of ``configs`` (their tokenizers fingerprinted), read on rank 0."""
     def read() -> tuple[str, dict[str, Any], dict[str, str]]:
@@ -295,7 +291,7 @@ def stage_key(method: str, spec: StageSpec, cfg: RunConfig, needed: dict[str, St
     trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in COSMETIC_TRAINER_FIELDS}
     trainer["precision"] = resolved_precision(cfg.trainer.precision, env.device_type)
     identity = {"format": STAGE_FORMAT_VERSION, "method": method, "stage": spec.name, "model": asdict(cfg.model),
-                "dataset": asdict(cfg.dataset), "corpus": env.corpus, "tokenizer": cfg.tokenizer,
+                "dataset": asdict(cfg.dataset), "corpus": env.corpus, "tokenizer": tokenizer_key_name(cfg.tokenizer),
                 "tokenizer_files": env.tokenizer(cfg.tokenizer), "trainer": trainer, "world_size": env.world_size,
                 "seed": cfg.seed, "mixer": spec.mixer, "needs": {name: needed[name].key for name in spec.needs}}
     text = json.dumps(identity, sort_keys=True, default=str)

@@ -76,9 +76,16 @@ class LayerProjection:
 
     def project(self, inputs: Tensor, output_grads: Tensor) -> Tensor:
         """[B, r*r] blocks ``(Delta_i R)^T (A_i S)`` from inputs [B, T, d_in] and output-grads [B, T, d_out]."""
-        a_s = inputs.to(self.left.dtype) @ self.left  # [B, T, r]
+        return self.combine(self.project_inputs(inputs), output_grads)
+
+    def project_inputs(self, inputs: Tensor) -> Tensor:
+        """``A_i S`` [B, T, r]: computed in the forward hook, while the inputs are still in cache."""
+        return inputs.to(self.left.dtype) @ self.left
+
+    def combine(self, projected_inputs: Tensor, output_grads: Tensor) -> Tensor:
+        """[B, r*r] blocks ``(Delta_i R)^T (A_i S)`` from :meth:`project_inputs` and output-grads [B, T, d_out]."""
         d_r = output_grads.to(self.right.dtype) @ self.right  # [B, T, r]
-        return torch.einsum("btr,bts->brs", d_r, a_s).flatten(1)
+        return torch.einsum("btr,bts->brs", d_r, projected_inputs).flatten(1)
 
 
 class KroneckerProjector:

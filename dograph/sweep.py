@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from dograph.config import RunConfig
-from dograph.distributed import DistContext, barrier
+from dograph.distributed import DistContext, barrier, from_main
 from dograph.errors import ConfigError, DataError
 from dograph.pipeline import (
     StageEnvironment,
@@ -57,7 +57,6 @@ from dograph.pipeline import (
     StageResult,
     StageSpec,
     TrainFn,
-    from_main,
     locate_stage,
     note_other_commit,
     read_marker,

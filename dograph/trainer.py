@@ -23,13 +23,15 @@ from tqdm import tqdm
 from dograph.checkpoint import (
     fresh_shards_dir,
     load_latest,
+    read_complete,
     rng_state,
     save_checkpoint,
+    set_aside_newer,
     set_rng_state,
 )
 from dograph.config import TrainerConfig
 from dograph.data.builder import RunData
-from dograph.distributed import DistContext, all_gather_objects
+from dograph.distributed import DistContext, all_gather_objects, from_main
 from dograph.errors import ConfigError
 from dograph.evaluation import evaluate
 from dograph.metrics import MetricAccumulator, MetricsWriter
@@ -136,6 +138,7 @@ class Trainer:
         # windows of `prefetch` steps per domain are packed ahead (domains are still drawn at step time)
         data.sampler.set_prefetch(cfg.prefetch * self.micro_batch * self.accumulation)
         self.pin = dist.device.type == "cuda"  # page-locked host batches, copied asynchronously
+        self._chosen: dict[str, dict[str, Any]] = {}  # the checkpoint rank 0 chose to resume from, as read
 
     def synchronize(self) -> None:
         """Wait for queued CUDA work, so a clock read after it counts that work (nothing on CPU)."""
@@ -181,10 +184,11 @@ class Trainer:
         return full_model_state_dict(self.model) if self.sharded else None
 
     def restore(self) -> bool:
-        found = load_latest(self.ckpt_dir)  # the newest readable one if `latest` names a damaged one
-        if found is None:
+        name = from_main(self.dist, self._choose_checkpoint)  # every rank resumes from the one rank 0 chose
+        if name is None:
             return False
-        path, state = found
+        path = self.ckpt_dir / name
+        state = self._chosen.pop(name) if name in self._chosen else read_complete(path)  # rank 0 has read it
         if len(state["ranks"]) != self.dist.world_size:
             raise ConfigError(f"checkpoint {path} was written by {len(state['ranks'])} ranks; resume it with "
                               f"the same number (this run has {self.dist.world_size})")
@@ -207,6 +211,19 @@ class Trainer:
         self.writer.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", path, self.state.step)
         return True
+
+    def _choose_checkpoint(self) -> str | None:
+        """Rank 0: the checkpoint to resume from (the newest readable one if ``latest`` names a damaged one).
+
+        After such a fallback the newer, abandoned checkpoints are set aside before anything is written.
+        """
+        found = load_latest(self.ckpt_dir)
+        if found is None:
+            return None
+        path, self._chosen = found[0], {found[0].name: found[1]}
+        if moved := set_aside_newer(self.ckpt_dir, path):
+            log.warning("set aside the checkpoints after %s as *.abandoned: %s", path.name, ", ".join(moved))
+        return path.name
 
     # ---- the loop ----------------------------------------------------------------------
     def train_step(self) -> None:

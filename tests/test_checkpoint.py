@@ -132,8 +132,31 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(make_config, tmp_pa
     assert train_losses(resumed) == train_losses(tmp_path / "straight")  # steps 3 and 4 again, exactly
     assert [r["step"] for r in read_metrics(resumed) if r["kind"] == "train"] == [1, 2, 3, 4]
     assert (checkpoints / "latest").read_text() == "step_00000004.pt"
-    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000003.pt", "step_00000004.pt"]
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [
+        "step_00000003.pt", "step_00000003.pt.abandoned", "step_00000004.pt"]  # the damaged one set aside
     load_checkpoint(checkpoints / "step_00000003.pt")  # rewritten whole
+
+
+def test_after_a_fallback_the_damaged_checkpoint_never_displaces_a_readable_one(make_config, tmp_path: Path) -> None:
+    """Saves at 2 (cadence) and 3 (stop); 3 is damaged; the resumed run falls back to 2 and saves at 4 (keep 2).
+
+    The damaged 3 must not count as one of the two kept (it would push out 2): every checkpoint
+    left is readable, so a damaged 4 still falls back to a readable one.
+    """
+    run = ("mixer=uniform", "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.keep_checkpoints=2")
+    run_dir = tmp_path / "run"
+    run_training(make_config(*run, "trainer.stop_after_steps=3"), run_dir)
+    checkpoints = run_dir / "checkpoints"
+    damaged = checkpoints / "step_00000003.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    run_training(make_config(*run, "resume=true", "trainer.stop_after_steps=2"), run_dir)  # from 2 to 4
+    kept = sorted(p.name for p in checkpoints.glob("step_*.pt"))
+    assert kept == ["step_00000002.pt", "step_00000004.pt"]
+    assert (checkpoints / "step_00000003.pt.abandoned").exists()
+    for name in kept:
+        load_checkpoint(checkpoints / name)
+    (checkpoints / "step_00000004.pt").write_bytes(b"")
+    assert load_latest(checkpoints)[0].name == "step_00000002.pt"
 
 
 def _shards(directory: Path, name: str) -> str:

@@ -220,3 +220,12 @@ def test_cuda_inputs_stay_on_cuda_and_assign_does_not_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.is_cuda and torch.equal(out.cpu(), km.to("cpu").assign(x[:48]))
+
+
+def test_every_run_seed_is_a_valid_faiss_seed() -> None:
+    # run seeds are accepted up to 2**32 - 1; FAISS takes a C int (OverflowError from 2**31 on)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    clusterer = KMeansClusterer(3, seed=2**32 - 1)
+    clusterer.fit(x)
+    clusterer.fit(x)
+    assert clusterer.num_fits == 2

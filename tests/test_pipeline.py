@@ -19,6 +19,7 @@ import torch
 from conftest import compose_config
 from helpers import build_local_corpus, free_port
 
+import dograph.distributed
 import dograph.pipeline
 from baselines.fixed import PUBLISHED_MIXTURES, SLIMPAJAMA, StageMixtureMixer, resolve_mixture
 from dograph.app import run_training
@@ -207,6 +208,42 @@ def test_embedded_corpus_is_fingerprinted_by_its_manifest(tmp_path: Path, monkey
     assert corpus_fingerprint(DataConfig(source="embedded"), tmp_path) != first
 
 
+def test_the_embedded_corpus_rebuilt_elsewhere_keeps_its_fingerprint(tmp_path: Path, monkeypatch) -> None:
+    built = tmp_path / "embedded" / "v1"
+    built.mkdir(parents=True)
+    monkeypatch.setattr("dograph.data.embedded.ensure_embedded_corpus", lambda *a, **k: built)
+
+    def manifest(date: str, platform: str, seconds: float, sha: str = "aa") -> str:
+        return json.dumps({"build_date": date, "builder": {"platform": platform, "python": "3.11"},
+                           "corpus_version": "v1", "params": {"domains": ["code"]},
+                           "domains": {"code": {"sha256": sha, "seconds": seconds, "file": "code.jsonl"}}})
+
+    (built / "manifest.json").write_text(manifest("2026-12-01", "host-a", 0.19))
+    first = corpus_fingerprint(DataConfig(source="embedded"), tmp_path)
+    (built / "manifest.json").write_text(manifest("2026-12-07", "host-b", 0.42))  # the same files, rebuilt
+    assert corpus_fingerprint(DataConfig(source="embedded"), tmp_path) == first
+    (built / "manifest.json").write_text(manifest("2026-12-07", "host-b", 0.42, sha="bb"))
+    assert corpus_fingerprint(DataConfig(source="embedded"), tmp_path) != first
+
+
+def test_a_moved_tokenizer_directory_keeps_the_stage_key(staged, tmp_path: Path) -> None:
+    base = staged()
+    spec = TwoStageMethod.plan_stages(base.mixer)[0]
+    here, there = tmp_path / "tok", tmp_path / "elsewhere" / "tok"
+    here.mkdir()
+    (here / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    shutil.copytree(here, there)
+
+    def key(path: Path) -> str:
+        cfg = dataclasses.replace(stage_config(base, "m", spec), tokenizer=str(path))
+        env = dataclasses.replace(ENV, tokenizers={str(path): tokenizer_fingerprint(str(path))})
+        return stage_key("m", spec, cfg, {}, env)
+
+    assert key(here) == key(there)
+    (there / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    assert key(here) != key(there)
+
+
 def test_tokenizer_fingerprint_hashes_a_directory_and_keeps_names(tmp_path: Path) -> None:
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -309,6 +346,7 @@ def test_an_unreadable_record_fails_every_rank_with_the_same_line(staged, monkey
     (run_dir / "stage.json").write_text("{truncated")
     world = ThreadWorld(2)
     monkeypatch.setattr(dograph.pipeline, "all_gather_objects", world.all_gather_objects)
+    monkeypatch.setattr(dograph.distributed, "all_gather_objects", world.all_gather_objects)  # from_main
     monkeypatch.setattr(dograph.pipeline, "barrier", world.barrier)
     outcomes: dict[int, str] = {}
 
