@@ -181,7 +181,8 @@ class GradientCapture:
                 return None
             call = _Call(tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
             if hooked.projection is not None:  # A S now, while the inputs are in cache (the same product later)
-                with self.timer.measure():
+                # in the projection's dtype, as in the backward hook: not in the forward's autocast dtype
+                with self.timer.measure(), torch.autocast(call.args[0].device.type, enabled=False):
                     call.projected_input = hooked.projection.project_inputs(call.args[0])
                 if not self.keep_for_update:  # the inputs themselves are not needed again
                     call.args, call.kwargs = (), {}
@@ -389,17 +390,14 @@ def _linear_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor, v: Ten
     d = output_grad.reshape(-1, output_grad.shape[-1])  # [N, d_out]
     a = inputs.reshape(-1, inputs.shape[-1]).to(d.dtype)  # [N, d_in]
     per_row = v.to(d.dtype).repeat_interleave(d.shape[0] // v.shape[0]).unsqueeze(1)  # [N, 1]
-    bias = module.bias
-    if a.shape[1] > d.shape[1]:  # the output-grads are the narrower side: the bias sums them while in cache
+    if a.shape[1] <= d.shape[1]:
+        a, d_weighted = a * per_row, d
+    else:
         d_weighted = d * per_row
-        weight = a.t() @ d_weighted if isinstance(module, Conv1D) else d_weighted.t() @ a
-        return [(module.weight, weight)] + ([] if bias is None else [(bias, d_weighted.sum(0))])
-    if bias is not None and isinstance(module, Conv1D):  # [A diag(v) | v]^T Delta: the bias is the last row
-        both = torch.cat([a * per_row, per_row], dim=1).t() @ d
-        return [(module.weight, both[:-1]), (bias, both[-1])]
-    a = a * per_row
-    weight = a.t() @ d if isinstance(module, Conv1D) else d.t() @ a
-    return [(module.weight, weight)] + ([] if bias is None else [(bias, (per_row.t() @ d).squeeze(0))])
+    out = [(module.weight, a.t() @ d_weighted if isinstance(module, Conv1D) else d_weighted.t() @ a)]
+    if module.bias is not None:
+        out.append((module.bias, (per_row.t() @ d).squeeze(0)))
+    return out
 
 
 def _module_grads(module: nn.Module, call: _Call, scaled_grad: Tensor, params: dict[str, Tensor]

@@ -157,3 +157,20 @@ def test_a_parameter_left_without_gradient_stops_the_step_naming_it() -> None:
         capture.end_micro_batch()
     with pytest.raises(ConfigError, match=r"no gradient for pair\.scale.*not a Tensor: pair.*two_pass"):
         capture.apply_weights([torch.full((3,), 1 / 3)])
+
+
+def test_inputs_are_projected_in_the_projections_dtype_under_autocast() -> None:
+    """``A S`` is formed in the forward hook, inside the forward's autocast: it must stay float32 (as in the backward)."""
+    model = build_model(SHAPES["gpt2"], 200, seed=1)
+    capture = GradientCapture(model, KroneckerProjector(rank=4, out_dim=32, seed=5).bind(model), keep_for_update=False)
+    batch = make_batches(200, [3])[0]
+    dtypes = set()
+    with capture.capturing():
+        capture.start_micro_batch(len(batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = per_sample_loss(model, batch.input_ids, batch.targets)
+        dtypes = {c.projected_input.dtype for h in capture.hooked for c in h.calls if c.projected_input is not None}
+        assert all(c.args == () for h in capture.hooked if h.projection is not None for c in h.calls)  # not kept
+        loss.sum().backward()
+        projected = capture.end_micro_batch()
+    assert dtypes == {torch.float32} and projected.dtype == torch.float32 and torch.isfinite(projected).all()
