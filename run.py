@@ -22,7 +22,7 @@ register_configs()
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dograph.app import configure_runtime, run_training
+    from dograph.runs.app import configure_runtime, run_training
 
     configure_runtime()
     try:

@@ -664,6 +664,7 @@ class DataMixingLawMixer(SweepFitMixer):
     when enough remain to fit) is held out of the fit to report an honest quality (our choice).
     """
 
+    name = "data_mixing_law"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
     label = "Data Mixing Law"
 
     def __init__(self, *, huber_delta: float = HUBER_DELTA, starts: int = DEFAULT_STARTS,

@@ -33,7 +33,7 @@ the trainer never updates (it reassigns its own ``train_dw``), so ``sampling_mix
 domain and keeps a ``D x P`` matrix of flattened gradients on the host. Here
 (``mixer.gradients=exact``, the default) the trainer runs one capturing backward and forms the
 ``D x D`` Gram of the exact global per-domain mean-loss gradients from what it kept
-(``dograph/capture.py`` ``GradientCapture.weighted_gram``: one parameter's ``[D, ...]`` stack at a
+(``dograph/step/capture.py`` ``GradientCapture.weighted_gram``: one parameter's ``[D, ...]`` stack at a
 time, summed over ranks under DDP), then the update ``sum_i v_i g_i`` from the same kept tensors:
 about one extra weight-gradient pass per step instead of ``D`` backward passes, and memory ``D`` x
 the largest parameter instead of ``D x P``. Measured on the demo (gpt2_tiny, 16 x 128, 7 domains,
@@ -84,9 +84,9 @@ from dograph.distributed import DistContext, all_gather_cat
 from dograph.errors import ConfigError
 from dograph.mixer_history import DomainWeightHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
-from dograph.pipeline import StageResult, StageSpec
-from dograph.projection import KroneckerProjector
 from dograph.reporting import markdown_table
+from dograph.runs.pipeline import StageResult, StageSpec
+from dograph.step.projection import KroneckerProjector
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s coefficient max_norm / (total_norm + 1e-6), at most 1 (torch.nn.utils)
 NORM_EPS = 1e-6  # scores / (avg_norm + 1e-6) (src/trainer.py update_domain_weights_distributed, about L745)
@@ -174,6 +174,7 @@ class DoGEProxyMixer(Mixer):
     ``GRAD_PROJ`` (projected; this mixer then owns the projector and gathers the projections).
     """
 
+    name = "doge_proxy"  # the registered method name (dograph.mixing.MIXERS)
     reweights = True
 
     def __init__(self, *, mu: float = 0.01, dw_min: float = 0.0, dw_max: float = 5.0, max_grad_norm: float = 5.0,
@@ -312,6 +313,8 @@ class DoGEProxyMixer(Mixer):
 
 class DoGEMixer(StageMixtureMixer):
     """The main run: samples the time-averaged weights of the ``proxy`` stage (``mixture_from``)."""
+
+    name = "doge"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
 
     @classmethod
     def plan_stages(cls, node: dict[str, Any]) -> list[StageSpec]:

@@ -1,7 +1,7 @@
 """DoReMi (Xie et al., 2023): a reference, a Group-DRO proxy, then the main run (docs/design.md section 3).
 
 Official code: ``sangmichaelxie/doremi``. Re-derived here from its formulas (not copied); every
-constant names the file it comes from. A pipeline of three runs (``dograph.pipeline``):
+constant names the file it comes from. A pipeline of three runs (``dograph.runs.pipeline``):
 
 1. **reference** (``UniformMixer``): a model trained on the corpus's natural mixture (the
    official reference is a baseline run on the Pile's own mixture, ``--domain_config_path``
@@ -93,8 +93,8 @@ from dograph.errors import ConfigError, DataError
 from dograph.mixer_history import DomainWeightHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.models import per_token_loss
-from dograph.pipeline import StageResult, StageSpec
 from dograph.reporting import markdown_table
+from dograph.runs.pipeline import StageResult, StageSpec
 
 REFERENCE, PROXY = "reference", "proxy"  # the stage names (mixer.reference.*, mixer.proxy.*)
 PROXY_MIXTURES = ("equal", "natural")  # what the proxy samples: every domain 1/D, or the corpus's mixture
@@ -163,7 +163,7 @@ def check_constants(eta: Any, eps: Any, proxy_mixture: Any, reference_batch_size
 
 
 def _stage_tokenizer(settings: Mapping[str, Any]) -> str | None:
-    """The tokenizer a stage trains with, resolved as ``dograph.pipeline.stage_config`` does (None: the main run's)."""
+    """A stage's tokenizer, as ``dograph.runs.pipeline.stage_config`` resolves it (None: the main run's)."""
     if settings.get("tokenizer"):
         return str(settings["tokenizer"])
     model = load_group_option("model", settings.get("model", "gpt2_tiny"))
@@ -187,6 +187,7 @@ class DoReMiProxyMixer(Mixer):
     ``hf/`` export. See the module doc for the update, the loss weights and the order.
     """
 
+    name = "doremi_proxy"  # the registered method name (dograph.mixing.MIXERS)
     requires = frozenset({Signal.DOMAIN, Signal.TOKEN_LOSS})
     reweights = True
 
@@ -375,6 +376,8 @@ class DoReMiMixer(StageMixtureMixer):
     ``eps``, ``proxy_mixture``, ``reference_batch_size``) go to the proxy's mixer and are
     accepted and unused here.
     """
+
+    name = "doremi"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
 
     def __init__(self, *, mixture_from: str = PROXY, stage_results: Mapping[str, StageResult] | None = None,
                  domains: Sequence[str] = (), eta: float = 1.0, eps: float = 1e-3, proxy_mixture: str = "equal",

@@ -22,7 +22,7 @@ from torch import Tensor
 from dograph.errors import ConfigError
 from dograph.mixer_history import DomainWeightHistory
 from dograph.mixing import Mixer, MixerOutput, StepSignals
-from dograph.pipeline import StageResult
+from dograph.runs.pipeline import StageResult
 
 SLIMPAJAMA = ("RedPajamaArXiv", "RedPajamaBook", "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub",
               "RedPajamaStackExchange", "RedPajamaWikipedia")
@@ -96,6 +96,7 @@ def resolve_mixture(mixture: str | Sequence[float] | Mapping[str, float], domain
 class FixedMixer(Mixer):
     """One sampling mixture for the whole run; every sample weighs 1/B (no work in the step)."""
 
+    name = "fixed"  # the registered method name (dograph.mixing.MIXERS)
     reweights = False
 
     def __init__(self, *, mixture: str | Sequence[float] | Mapping[str, float] | None = None,

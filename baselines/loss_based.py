@@ -113,6 +113,7 @@ class LossBasedMixer(Mixer):
     unused (the method keeps the sampling mixture and draws nothing).
     """
 
+    name = "loss_based"  # the registered method name (dograph.mixing.MIXERS)
     requires = frozenset({Signal.DOMAIN})
     reweights = True
 

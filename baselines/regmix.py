@@ -409,6 +409,7 @@ class RegMixMixer(SweepFitMixer):
     little between the domains of a corpus, and this keeps the sweep independent of the tokenizer).
     """
 
+    name = "regmix"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
     label = "RegMix"
 
     def __init__(self, *, target: str = "average", held_out: float = HELD_OUT_FRACTION, top_k: int = TOP_K,

@@ -1,7 +1,7 @@
 """The main run of a regression method: a model of loss vs mixture fitted on a proxy sweep (docs/design.md 3.1, 3.2).
 
 RegMix and Data Mixing Laws share everything but the design of the proxies' mixtures and the
-fit: both declare a proxy sweep (``plan_sweep``: one small run per mixture, ``dograph.sweep``),
+fit: both declare a proxy sweep (``plan_sweep``: one small run per mixture, ``dograph.runs.sweep``),
 fit a model from mixture to validation loss on the proxies' own results, choose the mixture
 the model predicts best and sample it for the whole main run (a fixed mixture: no work in
 the step). Each writes the fit's quality, the chosen mixture and its predicted loss
@@ -28,9 +28,9 @@ import numpy as np
 
 from baselines.fixed import FixedMixer
 from dograph.errors import ConfigError
-from dograph.pipeline import replace_atomically, write_text_atomically
 from dograph.reporting import markdown_table
-from dograph.sweep import SweepResult, SweepSpec
+from dograph.runs.pipeline import replace_atomically, write_text_atomically
+from dograph.runs.sweep import SweepResult, SweepSpec
 
 SWEEP_KEYS = ("proxies", "min_proxies", "sweep_seed", "launcher", "launcher_overrides", "proxy")
 

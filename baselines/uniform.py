@@ -10,6 +10,7 @@ from dograph.mixing import Mixer, MixerOutput, StepSignals
 class UniformMixer(Mixer):
     """Never reweights and never changes the mixture, so the trainer runs no mixer code."""
 
+    name = "uniform"  # the registered method name (dograph.mixing.MIXERS)
     reweights = False
 
     def __init__(self, **_: Any) -> None:

@@ -37,10 +37,10 @@ from dograph.data.builder import RunData, build_run_data  # noqa: E402
 from dograph.data.sampler import Batch  # noqa: E402
 from dograph.data.tokenizer import tokenizer_vocab_size  # noqa: E402
 from dograph.distributed import DistContext  # noqa: E402
-from dograph.metrics import MetricsWriter  # noqa: E402
 from dograph.mixing import Mixer  # noqa: E402
 from dograph.models import build_model  # noqa: E402
-from dograph.trainer import Trainer  # noqa: E402
+from dograph.train.metrics import MetricsWriter  # noqa: E402
+from dograph.train.trainer import Trainer  # noqa: E402
 
 GPU_DEFAULTS = {"model": "gpt2_small", "batch": 48, "seq": 512}
 CPU_DEFAULTS = {"model": "gpt2_tiny", "batch": 16, "seq": 128}

@@ -47,10 +47,10 @@ from common import (
 from step_time import build_mixer, fill_buffer
 
 from baselines.uniform import UniformMixer
-from dograph.capture import GradientCapture
 from dograph.data.tokenizer import tokenizer_vocab_size
 from dograph.distributed import init_distributed, shutdown
 from dograph.models import count_parameters, per_sample_loss
+from dograph.step.capture import GradientCapture
 
 LABELS = {"uniform": "uniform (plain FSDP step)", "fast": "DoGraph one backward (fast)",
           "two_pass": "DoGraph two-pass"}

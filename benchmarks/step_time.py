@@ -76,21 +76,21 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from baselines.uniform import UniformMixer
-from dograph.capture import GradientCapture
-from dograph.clustering import KMeansClusterer
 from dograph.data.sampler import Batch
 from dograph.distributed import DistContext, broadcast
-from dograph.dograph_mixer import DoGraphMixer
+from dograph.method.clustering import KMeansClusterer
+from dograph.method.mixer import DoGraphMixer
+from dograph.method.objectives import ObjectiveInputs
 from dograph.models import count_parameters, per_sample_loss
-from dograph.objectives import ObjectiveInputs
-from dograph.projection import (
+from dograph.step.capture import GradientCapture
+from dograph.step.projection import (
     DenseReferenceProjector,
     KroneckerProjector,
     LossModule,
     exact_per_sample_grads,
     select_layers,
 )
-from dograph.trainer import Trainer
+from dograph.train.trainer import Trainer
 
 OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
 PARTS = ("steps", "projection", "kmeans", "solves")
@@ -161,7 +161,7 @@ def mixer_node(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_mixer(args: argparse.Namespace, device: torch.device, data: BenchData,
                 dist: DistContext | None = None) -> DoGraphMixer:
-    """A DoGraphMixer exactly as dograph.app.build_mixer makes it from the config node.
+    """A DoGraphMixer exactly as dograph.runs.app.build_mixer makes it from the config node.
 
     ``dist``: the process group's context under torchrun (default: one process on ``device``)."""
     domains = list(data.run_data.corpus.domains) if data.run_data else list(RANDOM_DOMAINS)

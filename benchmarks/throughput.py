@@ -4,7 +4,7 @@ Three loops over the same model shape (same initial weights, one copy each), mea
 in one run, interleaved block by block:
 
 1. ``plain``: a hand-written PyTorch loop: forward, mean token cross-entropy, backward, clip, AdamW.
-2. ``trainer``: ``dograph.trainer.Trainer.train_step`` with ``baselines.uniform.UniformMixer`` (so the
+2. ``trainer``: ``dograph.train.trainer.Trainer.train_step`` with ``baselines.uniform.UniformMixer`` (so the
    runner is ``PlainStep``: no mixer code in the step), fed the *same precomputed device batches*
    through a stand-in sampler: the data pipeline is excluded from both 1 and 2.
 3. ``trainer + data``: ``Trainer.train_step`` with the real ``MixtureSampler`` over tokenized text
@@ -53,7 +53,7 @@ from common import (
 from baselines.uniform import UniformMixer
 from dograph.data.sampler import Batch
 from dograph.models import count_parameters
-from dograph.trainer import Trainer
+from dograph.train.trainer import Trainer
 
 LABELS = {"plain": "plain PyTorch loop (precomputed batches)",
           "trainer": "Trainer.train_step, mixer=uniform (same precomputed batches)",

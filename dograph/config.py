@@ -193,14 +193,14 @@ PAPER_TASKS = ("hellaswag", "piqa", "openbookqa", "copa", "logiqa", "winogrande"
 
 @dataclass
 class EvalConfig:
-    """Downstream evaluation with lm-evaluation-harness after training (``python -m dograph.evaluate``)."""
+    """Downstream evaluation with lm-evaluation-harness after training (``python -m dograph.eval``)."""
 
     tasks: Any = field(default_factory=list)  # paper9 | a task name | a list of names; [] = no evaluation
     num_fewshot: int = 0  # the paper does not say; 0 is our choice
     limit: int | None = None  # examples per task (for quick checks); None = all
     batch_size: int = 8
     include_path: str | None = None  # a directory of extra lm-eval task YAMLs
-    local_items: int = 40  # items per domain of the local dograph_* tasks (dograph.eval_tasks)
+    local_items: int = 40  # items per domain of the local dograph_* tasks (dograph.eval.tasks)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tasks, str):  # one name (paper9 among them) or a list of names
@@ -254,7 +254,7 @@ class RunConfig:
         # rank 0 alone runs lm-eval after training; a sharded model needs every rank in its forward
         _require(not (self.trainer.parallelism == "fsdp" and self.eval.task_names), "eval.tasks",
                  "cannot run after training with trainer.parallelism=fsdp: evaluate the exported model later "
-                 "with python -m dograph.evaluate RUN_DIR", self.eval.tasks)
+                 "with python -m dograph.eval RUN_DIR", self.eval.tasks)
         _require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
                  f"must be <= model.max_position_embeddings={self.model.max_position_embeddings}",
                  self.trainer.seq_len)
@@ -263,7 +263,7 @@ class RunConfig:
         """This trained run's config with the settings of a later evaluation of its ``hf/`` export.
 
         Not validated again as a training config: the fsdp check above is about lm-eval in the
-        training processes, and the export of any run evaluates alone (``python -m dograph.evaluate``).
+        training processes, and the export of any run evaluates alone (``python -m dograph.eval``).
         """
         later = copy.copy(self)
         later.eval = settings

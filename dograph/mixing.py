@@ -14,6 +14,11 @@ A mixer declares in ``requires`` which costly signals it reads; the trainer comp
 only those (projected per-sample gradients need hooks and a projection, so a mixer
 that does not ask for them costs nothing). A mixer whose ``reweights`` is False is
 never called in the training step: ``mixer=uniform`` adds no work to the hot path.
+
+Every method's mixer has a registered name (``Mixer.name``, the registry :data:`MIXERS`): the
+method's identity in stage directories, stage keys, records and tables, so moving or renaming
+a module never renames a method or orphans a cache. ``conf/mixer/*.yaml`` still give Hydra the
+class (``_target_``).
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from torch import Tensor
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from dograph.pipeline import StageSpec
-    from dograph.projection import Projector
-    from dograph.sweep import SweepSpec
+    from dograph.runs.pipeline import StageSpec
+    from dograph.runs.sweep import SweepSpec
+    from dograph.step.projection import Projector
 
 
 class Signal(StrEnum):
@@ -90,9 +95,16 @@ class Mixer(ABC):
     exactly.
     """
 
+    # The method's registered name (stage directories and keys, records, tables). A class that sets none
+    # (a helper base, a test double) has "" and is not registered; it does not inherit its parent's name.
+    name: ClassVar[str] = ""
     requires: ClassVar[frozenset[Signal]] = frozenset()  # a mixer may set it per instance (from its config)
     reweights: ClassVar[bool] = True  # False: weigh() is never called (uniform, static)
     has_sweep: ClassVar[bool] = False  # True: plan_sweep declares proxy runs (the regression methods)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register_mixer(cls)
 
     @property
     def projector(self) -> Projector | None:
@@ -129,7 +141,7 @@ class Mixer(ABC):
         """Earlier runs this method needs before the main run (DoReMi: reference, proxy).
 
         ``node`` is the method's mixer config. The app runs the stages (cached by config
-        hash, ``dograph.pipeline``) and passes their results to the main mixer as
+        hash, ``dograph.runs.pipeline``) and passes their results to the main mixer as
         ``stage_results``. Default: none.
         """
         return []
@@ -138,10 +150,40 @@ class Mixer(ABC):
     def plan_sweep(cls, node: dict[str, Any], domains: list[str], natural_mixture: list[float]) -> SweepSpec:
         """The proxy sweep of a regression method (``has_sweep``): one small run per mixture.
 
-        The app trains the proxies (``dograph.sweep``, each a cached stage) and passes the
+        The app trains the proxies (``dograph.runs.sweep``, each a cached stage) and passes the
         gathered results to the main mixer as ``sweep``.
         """
         raise NotImplementedError(f"{cls.__name__} declares no sweep")
 
     def save_artifacts(self, out_dir: Path) -> None:  # noqa: B027 (optional hook)
         """Write histories (weights, assignments) under ``out_dir``; rank 0 only."""
+
+
+MIXERS: dict[str, type[Mixer]] = {}  # registered name -> mixer class, filled as the classes are defined
+
+
+def register_mixer(cls: type[Mixer]) -> None:
+    """Register ``cls`` under the ``name`` its own body sets (called for every subclass of :class:`Mixer`).
+
+    A class whose body sets no name gets "" (not registered). Two classes with one name are an
+    error; the same class defined again (a module imported anew) replaces its entry.
+    """
+    name = cls.__dict__.get("name", "")
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__}.name must be a str, not {type(name).__name__}")
+    cls.name = name
+    if not name:
+        return
+    other = MIXERS.get(name)
+    if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"mixer name {name!r} is taken by {other.__module__}.{other.__qualname__}; "
+                        f"{cls.__module__}.{cls.__qualname__} needs another")
+    MIXERS[name] = cls
+
+
+def mixer_name(cls: type[Mixer]) -> str:
+    """The registered name of a mixer class (a ValueError for a class that has none)."""
+    if not cls.name:
+        raise ValueError(f"mixer {cls.__module__}.{cls.__qualname__} has no registered name (set name = ... "
+                         "on the class)")
+    return cls.name

@@ -12,7 +12,7 @@ activations (``torch.utils.checkpoint``, non-reentrant, as the torch docs recomm
 replaces the block's ``forward`` (not the module), so parameter names, hooks on the block and
 the HF export stay as they are; FSDP's hooks (on ``__call__``) stay outside the checkpointed
 region. While a block is recomputed, :func:`is_recomputing` is true, so the gradient-capture
-hooks (``dograph.capture``) do not record a layer a second time.
+hooks (``dograph.step.capture``) do not record a layer a second time.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, direc
     ``torch.distributed.checkpoint.save`` (DCP) of the sharded state dicts (``get_state_dict``, torch
     docs): no rank gathers the whole model. Atomic as the other checkpoints: written into a temporary
     directory, renamed by rank 0 once every rank has finished. Several nodes need a shared filesystem.
-    ``directory`` must be new (``dograph.checkpoint.fresh_shards_dir``): an existing one may be what
+    ``directory`` must be new (``dograph.train.checkpoint.fresh_shards_dir``): an existing one may be what
     ``latest`` names, and is removed only once a newer checkpoint names other shards.
     """
     import torch.distributed.checkpoint as dcp

@@ -102,7 +102,7 @@ def mixed_eval_note(rows: pd.DataFrame) -> list[str]:
     listed = " | ".join(f"{setting}: {count} runs" for setting, count in settings.items())
     return [f"Downstream scores not shown: these runs were evaluated with {len(settings)} settings ({listed}); "
             "scores of different task sets, num_fewshot or limit are never averaged or compared. Evaluate them "
-            "all with one setting (python -m dograph.evaluate RUN_DIR eval=...)."]
+            "all with one setting (python -m dograph.eval RUN_DIR eval=...)."]
 
 
 def _task_column(index: pd.DataFrame, task: str) -> Column:
@@ -139,7 +139,7 @@ def write_downstream_table(name: str, title: str, setting: str, index: pd.DataFr
     notes = [CI_NOTE, *shared_stage_note(scale.methods), *missing_note(index, requests), *mixed]
     if len(columns) == len(extra) and not mixed:
         notes.append("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns "
-                     "are not available; `python -m dograph.evaluate RUN_DIR eval=paper` adds them.")
+                     "are not available; `python -m dograph.eval RUN_DIR eval=paper` adds them.")
     rows = method_rows(index, requests, columns, scale.methods)
     return Table(name, scale_title(title, scale, setting), ["Method", *(c.header for c in columns)], rows,
                  notes).write(out_dir)

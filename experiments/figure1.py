@@ -5,7 +5,7 @@ disagreement changes as the model trains. We take the ablation setting's DoGraph
 its model at the earliest and at the latest checkpoint it kept, and project the per-sample
 gradients of a fixed set of held-out validation windows (up to ``MAX_PER_DOMAIN`` per domain)
 with the run's own projector (``mixer.projection``, same seed, same hooks as training:
-``dograph.capture.GradientCapture``). The projected gradients are unit-normalised first,
+``dograph.step.capture.GradientCapture``). The projected gradients are unit-normalised first,
 because DoGraph clusters directions (``mixer.cluster_on=direction``), then reduced to 2-D by a
 PCA fitted per checkpoint; points are coloured by human domain.
 
@@ -13,7 +13,7 @@ Writes ``figure1.png``/``.pdf`` and ``figure1_points.csv`` (checkpoint, step, do
 pc1, pc2, and each axis's share of variance) so a notebook can redraw it. The earliest kept
 checkpoint is the earliest of the ``trainer.keep_checkpoints`` newest ones: a run must keep two.
 An FSDP run's checkpoints hold no weights but name their shards; the model is read back whole from
-them in this one process (``dograph.checkpoint.model_weights``).
+them in this one process (``dograph.train.checkpoint.model_weights``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from dograph.capture import GradientCapture
-from dograph.checkpoint import model_weights
 from dograph.models import per_sample_loss
-from dograph.projection import KroneckerProjector
+from dograph.step.capture import GradientCapture
+from dograph.step.projection import KroneckerProjector
+from dograph.train.checkpoint import model_weights
 from experiments.artifact import NothingToPlot
 from experiments.render import save_figure
 from experiments.run_files import (

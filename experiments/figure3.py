@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dograph.buffer import ProjectionBuffer
-from dograph.checkpoint import load_checkpoint
-from dograph.clustering import KMeansClusterer
+from dograph.method.buffer import ProjectionBuffer
+from dograph.method.clustering import KMeansClusterer
+from dograph.train.checkpoint import load_checkpoint
 from experiments.artifact import NothingToPlot
 from experiments.figure1 import pca_2d, unit_rows
 from experiments.render import save_figure

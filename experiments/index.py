@@ -18,11 +18,13 @@ Columns (a missing value is NaN / None):
   downstream/setting (the task set, num_fewshot and limit the scores were made with),
   has_downstream (False when the run has no ``eval/scores.json``).
 The method, model, dataset and objective are Hydra's choices (``.hydra/hydra.yaml``); runs made
-without Hydra fall back to the mixer's ``_target_``.
+without Hydra fall back to the registered name of the mixer their ``_target_`` names.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import logging
 from collections.abc import Iterable
@@ -35,17 +37,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-# mixer _target_ -> method name, for run directories made without Hydra (tests, notebooks)
-METHOD_BY_TARGET = {
-    "dograph.dograph_mixer.DoGraphMixer": "dograph",
-    "baselines.uniform.UniformMixer": "uniform",
-    "baselines.fixed.FixedMixer": "fixed",
-    "baselines.loss_based.LossBasedMixer": "loss_based",
-    "baselines.doremi.DoReMiMixer": "doremi",
-    "baselines.doge.DoGEMixer": "doge",
-    "baselines.regmix.RegMixMixer": "regmix",
-    "baselines.data_mixing_law.DataMixingLawMixer": "data_mixing_law",
-}
+# Run directories made before the package layout of issue 16 name DoGraph's mixer by its former module.
+FORMER_TARGETS = {"dograph.dograph_mixer.DoGraphMixer": "dograph"}
 TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", "mixer/time_projection_s")
 IDENTITY = ("method", "model", "dataset", "objective", "m", "seed")
 TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds: training, validation, checkpoints
@@ -91,6 +84,24 @@ def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
     return last, {f"mean_{k.split('/')[-1]}": sum(v) / len(v) for k, v in sums.items() if v}
 
 
+@functools.cache
+def method_of_target(target: str) -> str:
+    """The registered name (``Mixer.name``) of the mixer class ``target`` names: runs made without Hydra.
+
+    A target that no longer imports keeps the old reading, its module's last part.
+    """
+    if not target:
+        return "?"
+    if target in FORMER_TARGETS:
+        return FORMER_TARGETS[target]
+    module, _, attr = target.rpartition(".")
+    try:
+        name = getattr(getattr(importlib.import_module(module), attr), "name", "")
+    except (ImportError, AttributeError, ValueError):
+        name = ""
+    return name if isinstance(name, str) and name else target.rsplit(".", 2)[-2]
+
+
 def read_run(run_dir: Path) -> dict[str, Any] | None:
     """One index row for ``run_dir`` (None when ``run_info.json`` is unreadable)."""
     info = _read_json(run_dir / "run_info.json")
@@ -102,7 +113,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     target = str(mixer.get("_target_", ""))
     row: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "method": choices.get("mixer") or METHOD_BY_TARGET.get(target, target.rsplit(".", 2)[-2] if target else "?"),
+        "method": choices.get("mixer") or method_of_target(target),
         "model": choices.get("model", "?"),
         "dataset": choices.get("dataset", (cfg.get("dataset") or {}).get("name", "?")),
         "objective": choices.get("objective", "?"),

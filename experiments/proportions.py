@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dograph.config import DataConfig, load_group_option
 from dograph.data.builder import corpus_tokenizer
-from dograph.data.sources import build_corpus
+from dograph.data.corpus import build_corpus
 from experiments.render import Table
 
 BATCH = 256

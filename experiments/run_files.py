@@ -2,7 +2,7 @@
 
 The index says which run an artifact reads; these helpers open that run's own files: its
 config (``run_info.json``), its kept checkpoints, its model and held-out windows rebuilt as
-``dograph.app`` built them, and DoGraph's mixer history (``mixer/``).
+``dograph.runs.app`` built them, and DoGraph's mixer history (``mixer/``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def rebuild_data(cfg: RunConfig) -> RunData:
 
 
 def rebuild_model(cfg: RunConfig, data: RunData, weights: dict[str, Any]) -> nn.Module:
-    """The run's model architecture (as ``dograph.app`` builds it) holding a checkpoint's weights, in eval mode."""
+    """The run's model architecture (as ``dograph.runs.app`` builds it) holding a checkpoint's weights, in eval mode."""
     tok = data.tokenizer
     model = build_model(cfg.model, len(tok), bos_id=tok.eos_token_id, eos_id=tok.eos_token_id, seed=cfg.seed)
     model.load_state_dict(weights)

@@ -121,7 +121,7 @@ def request_overrides(request: RunRequest, scale: Scale) -> list[str]:
 def make_request(scale: Scale, method: str, model: str, dataset: str, seed: int, **kwargs: Any) -> RunRequest:
     """A request at ``scale``, with the fingerprint of the overrides the scale gives it (``kwargs``: m, objective,
     sweep)."""
-    from dograph.app import overrides_fingerprint  # the function run.py records with (imported when needed: heavy)
+    from dograph.runs.app import overrides_fingerprint  # the function run.py records with (imported when needed: heavy)
 
     request = RunRequest(method, model, dataset, seed, **kwargs)
     return replace(request, fingerprint=overrides_fingerprint(request_overrides(request, scale)))

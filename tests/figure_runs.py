@@ -22,8 +22,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from dograph.app import run_training
 from dograph.config import to_run_config
+from dograph.runs.app import run_training
 from experiments.run_files import ablation_dograph_request
 from experiments.scale import Scale, load_scale, request_overrides
 

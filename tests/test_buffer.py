@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dograph.buffer import ProjectionBuffer
+from dograph.method.buffer import ProjectionBuffer
 
 
 def rows(start: int, stop: int, dim: int = 3) -> torch.Tensor:

@@ -7,15 +7,16 @@ import torch
 from torch import nn
 
 from baselines.uniform import UniformMixer
-from dograph.capture import GradientCapture
 from dograph.config import ModelConfig
 from dograph.data.sampler import Batch
 from dograph.distributed import DistContext
 from dograph.errors import ConfigError
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.models import build_model, per_sample_loss
-from dograph.projection import KroneckerProjector
-from dograph.signals import PlainStep, StepContext, build_step_runner
+from dograph.step.build import build_step_runner
+from dograph.step.capture import GradientCapture
+from dograph.step.projection import KroneckerProjector
+from dograph.step.runners import PlainStep, StepContext
 
 SHAPES = {
     "gpt2": ModelConfig(n_layer=2, n_head=2, d_model=64, d_ff=128, max_position_embeddings=64),
@@ -160,7 +161,7 @@ def test_a_parameter_left_without_gradient_stops_the_step_naming_it() -> None:
 
 
 def test_inputs_are_projected_in_the_projections_dtype_under_autocast() -> None:
-    """``A S`` is formed in the forward hook, inside the forward's autocast: it must stay float32 (as in the backward)."""
+    """``A S`` is formed in the forward hook, under the forward's autocast: must stay float32 (as in the backward)."""
     model = build_model(SHAPES["gpt2"], 200, seed=1)
     capture = GradientCapture(model, KroneckerProjector(rank=4, out_dim=32, seed=5).bind(model), keep_for_update=False)
     batch = make_batches(200, [3])[0]

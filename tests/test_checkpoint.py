@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dograph.app import run_training
-from dograph.checkpoint import (
+from dograph.errors import DataError
+from dograph.runs.app import run_training
+from dograph.train.checkpoint import (
     UnsafeCheckpoint,
     from_plain,
     load_checkpoint,
@@ -22,8 +23,7 @@ from dograph.checkpoint import (
     save_checkpoint,
     to_plain,
 )
-from dograph.errors import DataError
-from dograph.metrics import read_metrics
+from dograph.train.metrics import read_metrics
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -124,9 +124,9 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(make_config, tmp_pa
     assert (checkpoints / "latest").read_text() == "step_00000003.pt"
     damaged = checkpoints / "step_00000003.pt"
     damaged.write_bytes(damaged.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger="dograph.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dograph.train.checkpoint"):
         run_training(make_config(*run, "resume=true"), resumed)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "dograph.checkpoint"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dograph.train.checkpoint"]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert "step_00000003.pt" in warnings[0] and "resuming from step_00000002.pt" in warnings[0]
     assert train_losses(resumed) == train_losses(tmp_path / "straight")  # steps 3 and 4 again, exactly
@@ -171,7 +171,7 @@ def test_load_latest_skips_missing_truncated_and_shardless_checkpoints(tmp_path:
     save_checkpoint(tmp_path, 3, {"step": 3, "shards": _shards(tmp_path, "step_00000003.shards")}, keep=3)
     assert load_latest(tmp_path)[1]["step"] == 3
     (tmp_path / "step_00000003.shards" / ".metadata").unlink()  # its shards are incomplete
-    with caplog.at_level(logging.WARNING, logger="dograph.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dograph.train.checkpoint"):
         path, state = load_latest(tmp_path)
     assert path.name == "step_00000002.pt" and state["step"] == 2
     assert "step_00000003.pt" in caplog.records[-1].getMessage()
@@ -197,11 +197,11 @@ def test_saving_after_a_fallback_drops_the_abandoned_newer_checkpoints(tmp_path:
 
 
 def test_a_stop_on_a_checkpoint_step_saves_once(make_config, tmp_path: Path, monkeypatch) -> None:
-    import dograph.trainer
+    import dograph.train.trainer
 
     saved: list[int] = []
-    real = dograph.trainer.save_checkpoint
-    monkeypatch.setattr(dograph.trainer, "save_checkpoint",
+    real = dograph.train.trainer.save_checkpoint
+    monkeypatch.setattr(dograph.train.trainer, "save_checkpoint",
                         lambda directory, step, *a, **k: (saved.append(step), real(directory, step, *a, **k))[1])
     result = run_training(make_config("mixer=uniform", "trainer.max_steps=6", "trainer.ckpt_every=2",
                                       "trainer.stop_after_steps=4"), tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from dograph.clustering import (
+from dograph.method.clustering import (
     KMeansClusterer,
     _left_their_region,
     match_centroids,
@@ -200,7 +200,7 @@ def test_state_dict_round_trip_continues_identically():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
 def test_gpu_request_without_gpu_falls_back_to_cpu(caplog):
-    with caplog.at_level(logging.WARNING, logger="dograph.clustering"):
+    with caplog.at_level(logging.WARNING, logger="dograph.method.clustering"):
         km = KMeansClusterer(2, use_gpu=True)
     assert km.backend == "faiss-cpu" and "runs on CPU" in caplog.text
     assert km.fit(torch.randn(20, 4)).backend == "faiss-cpu"

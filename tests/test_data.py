@@ -13,10 +13,10 @@ import torch
 
 from dograph.config import DataConfig
 from dograph.data.builder import build_validation
+from dograph.data.corpus import build_corpus
 from dograph.data.hub import hf_corpus
 from dograph.data.packing import DomainPacker, is_validation_doc
 from dograph.data.sampler import MixtureSampler
-from dograph.data.sources import build_corpus
 from dograph.data.tokenizer import gpt2_tokenizer, is_pretrained, load_tokenizer, tokenizer_vocab_size, train_bpe
 from dograph.errors import DataError
 
@@ -250,7 +250,7 @@ def test_run_trains_and_exports_a_pretrained_tokenizer(make_config, tmp_path: Pa
     """tokenizer=DIR: the model's vocabulary is the tokenizer's, and hf/ holds both (lm-eval loads them)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from dograph.app import run_training
+    from dograph.runs.app import run_training
 
     directory = str(save_wordpiece_tokenizer(tmp_path / "tok"))
     mine = load_tokenizer(directory, tmp_path)
@@ -266,7 +266,7 @@ def test_run_trains_and_exports_a_pretrained_tokenizer(make_config, tmp_path: Pa
 
 
 def test_pretrained_tokenizer_fails_before_the_corpus_is_read(make_config, tmp_path: Path) -> None:
-    from dograph.app import run_training
+    from dograph.runs.app import run_training
 
     for name, expected in ((str(tmp_path / "missing"), "is not a directory"),
                            ("dograph-tests/no-such-tokenizer", "cannot reach the Hugging Face hub")):

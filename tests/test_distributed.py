@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_same_gradients, ddp_model, free_port, join_gloo, leave_gloo, rank_batches
 
-from dograph.metrics import read_metrics
+from dograph.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -72,10 +72,11 @@ def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: st
     import torch
 
     from dograph.distributed import DistContext
-    from dograph.dograph_mixer import DoGraphMixer
-    from dograph.objectives import UncertaintyObjective
-    from dograph.projection import KroneckerProjector
-    from dograph.signals import StepContext, build_step_runner
+    from dograph.method.mixer import DoGraphMixer
+    from dograph.method.objectives import UncertaintyObjective
+    from dograph.step.build import build_step_runner
+    from dograph.step.projection import KroneckerProjector
+    from dograph.step.runners import StepContext
 
     join_gloo(rank, world, port)
     ctx_dist = DistContext(rank=rank, world_size=world)
@@ -116,7 +117,7 @@ def _window_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch
 
     from dograph.distributed import DistContext
-    from dograph.weight_stats import WeightSummary, global_window, step_weight_stats
+    from dograph.train.weight_stats import WeightSummary, global_window, step_weight_stats
 
     join_gloo(rank, world, port)
     losses = [torch.tensor(1.0 + rank), torch.tensor(3.0 + 2 * rank)]  # this rank's mean sample loss per step

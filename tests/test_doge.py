@@ -22,18 +22,19 @@ from baselines.doge import (
     projected_domain_gram,
     sample_coefficients,
 )
-from dograph.app import run_training
-from dograph.capture import GradientCapture
 from dograph.data.sampler import Batch
 from dograph.distributed import DistContext
 from dograph.errors import ConfigError
-from dograph.metrics import read_metrics
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.models import build_model, per_sample_loss
-from dograph.pipeline import StageIncomplete, read_marker
-from dograph.projected_step import ProjectedStep, domain_weight_matrix
-from dograph.projection import KroneckerProjector
-from dograph.signals import StepContext, build_step_runner
+from dograph.runs.app import run_training
+from dograph.runs.pipeline import StageIncomplete, read_marker
+from dograph.step.build import build_step_runner
+from dograph.step.capture import GradientCapture
+from dograph.step.projected import ProjectedStep, domain_weight_matrix
+from dograph.step.projection import KroneckerProjector
+from dograph.step.runners import StepContext
+from dograph.train.metrics import read_metrics
 
 NUM_DOMAINS = 3
 # two micro-batches (accumulation); domain 1 is absent from the whole step

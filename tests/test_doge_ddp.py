@@ -16,8 +16,9 @@ def _doge_steps(rank: int, world: int, port: int, out_dir: str, gradients: str, 
 
     from baselines.doge import DoGEProxyMixer
     from dograph.distributed import DistContext
-    from dograph.projected_step import ProjectedStep
-    from dograph.signals import StepContext, build_step_runner
+    from dograph.step.build import build_step_runner
+    from dograph.step.projected import ProjectedStep
+    from dograph.step.runners import StepContext
 
     join_gloo(rank, world, port)
     ctx_dist = DistContext(rank=rank, world_size=world)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from dograph.app import run_training
-from dograph.dograph_mixer import DoGraphMixer, per_sample_weights
 from dograph.errors import ConfigError
-from dograph.metrics import read_metrics
+from dograph.method.mixer import DoGraphMixer, per_sample_weights
+from dograph.method.objectives import UncertaintyObjective
 from dograph.mixing import StepSignals
-from dograph.objectives import UncertaintyObjective
-from dograph.projection import KroneckerProjector
+from dograph.runs.app import run_training
+from dograph.step.projection import KroneckerProjector
+from dograph.train.metrics import read_metrics
 
 
 def make_mixer(m: int = 3, buffer_size: int = 12, **kwargs) -> DoGraphMixer:
@@ -162,7 +162,7 @@ def test_dograph_resume_is_exact(make_config, tmp_path: Path) -> None:
 
 def test_weights_report_ess_and_effective_mixture(make_config, tmp_path: Path, capsys) -> None:
     """Every reweighted step's ESS and effective human-domain mixture are logged and summarised."""
-    from dograph.reporting import print_weight_summary
+    from dograph.runs.summary import print_weight_summary
 
     result = run_training(make_config("trainer.max_steps=10", *DOGRAPH_RUN), tmp_path)
     assignments = np.load(tmp_path / "mixer" / "assignments.npz")

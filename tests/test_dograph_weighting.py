@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from dograph import dograph_mixer
+import dograph.method.mixer as dograph_mixer
 from dograph.distributed import DistContext
-from dograph.dograph_mixer import DoGraphMixer, per_sample_weights
 from dograph.errors import ConfigError
+from dograph.method.mixer import DoGraphMixer, per_sample_weights
+from dograph.method.objectives import ObjectiveResult, UncertaintyObjective, VarianceObjective
+from dograph.method.objectives.base import ObjectiveInputs
 from dograph.mixing import StepSignals
-from dograph.objectives import ObjectiveResult, UncertaintyObjective, VarianceObjective
-from dograph.objectives.base import ObjectiveInputs
-from dograph.projection import KroneckerProjector
-from dograph.timing import StepTimer
+from dograph.step.projection import KroneckerProjector
+from dograph.step.timing import StepTimer
 
 
 def make_mixer(m: int = 4, objective=UncertaintyObjective, buffer_size: int = 12, **kwargs) -> DoGraphMixer:

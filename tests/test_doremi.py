@@ -21,13 +21,13 @@ from baselines.doremi import (
     loss_domain_weights,
     sample_weights,
 )
-from dograph.app import run_training
 from dograph.config import ModelConfig, to_run_config
 from dograph.errors import ConfigError
-from dograph.metrics import read_metrics
 from dograph.mixing import StepSignals
 from dograph.models import build_model, per_token_loss
-from dograph.pipeline import StageIncomplete, StageResult, read_marker
+from dograph.runs.app import run_training
+from dograph.runs.pipeline import StageIncomplete, StageResult, read_marker
+from dograph.train.metrics import read_metrics
 
 VOCAB = 97
 DOMAINS = ["a", "b", "c"]

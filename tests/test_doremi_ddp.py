@@ -27,8 +27,9 @@ def _proxy_steps(rank: int, world: int, port: int, out_dir: str, micro: int = 1)
 
     from baselines.doremi import DoReMiProxyMixer
     from dograph.distributed import DistContext
-    from dograph.pipeline import StageResult
-    from dograph.signals import ReweightStep, StepContext, build_step_runner
+    from dograph.runs.pipeline import StageResult
+    from dograph.step.build import build_step_runner
+    from dograph.step.runners import ReweightStep, StepContext
 
     join_gloo(rank, world, port)
     ctx_dist = DistContext(rank=rank, world_size=world)

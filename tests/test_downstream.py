@@ -17,11 +17,11 @@ from helpers import REPO
 
 from dograph.config import EvalConfig, ModelConfig, RunConfig, TrainerConfig, to_run_config
 from dograph.data.tokenizer import train_bpe
-from dograph.downstream import eval_context, evaluate, lm_eval_command, run_lm_eval, select_score, summarize
 from dograph.errors import ConfigError, DataError
-from dograph.eval_tasks import LOCAL_TASKS, build_local_tasks
-from dograph.evaluate import load_run_config
-from dograph.evaluate import main as evaluate_main
+from dograph.eval.cli import load_run_config
+from dograph.eval.cli import main as evaluate_main
+from dograph.eval.downstream import eval_context, evaluate, lm_eval_command, run_lm_eval, select_score, summarize
+from dograph.eval.tasks import LOCAL_TASKS, build_local_tasks
 from dograph.models import build_model
 
 # ---- the score rule ---------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_local_tasks_end_to_end(eval_cfg: RunConfig, local_tokenizer, tmp_path: 
 
 
 def run_evaluate_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dograph.evaluate", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dograph.eval.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=240, env={**os.environ, **(env or {})})
 
 
@@ -233,7 +233,7 @@ def test_lm_eval_cli_command_sets_the_projects_context(eval_cfg: RunConfig, loca
 
 @pytest.mark.slow
 def test_lm_eval_cli_reproduces_the_rolling_perplexity(eval_cfg: RunConfig, local_tokenizer, tmp_path: Path) -> None:
-    """The printed command, run as is, gives the word perplexity of dograph.downstream (docs: README)."""
+    """The printed command, run as is, gives the word perplexity of dograph.eval.downstream (docs: README)."""
     from transformers import AutoModelForCausalLM
 
     run_dir = wide_export(tmp_path / "run", local_tokenizer)

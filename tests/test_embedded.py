@@ -13,7 +13,12 @@ import pytest
 from dograph.data import embedded
 from dograph.data.embedded import MAX_DOC_CHARS, ensure_embedded_corpus
 from dograph.data.embedded import build as embedded_build
+from dograph.data.embedded import common as embedded_common
 from dograph.data.embedded import fetch as embedded_fetch
+from dograph.data.embedded import licences as embedded_licences
+from dograph.data.embedded import rdata as embedded_rdata
+from dograph.data.embedded import readers as embedded_readers
+from dograph.data.embedded import text as embedded_text
 from dograph.errors import ConfigError, DataError
 
 CAP = 200_000
@@ -140,18 +145,18 @@ def test_unknown_domain_is_a_config_error(tmp_path: Path):
 
 def test_chunks_split_at_paragraphs():
     paragraphs = [f"paragraph {i} " + "x" * 90 for i in range(50)]
-    chunks = embedded._chunks("\n\n".join(paragraphs), 1000)
+    chunks = embedded_text._chunks("\n\n".join(paragraphs), 1000)
     assert all(len(c) <= 1000 for c in chunks) and len(chunks) > 1
     assert "\n\n".join(chunks).split("\n\n") == paragraphs
-    assert embedded._chunks("a" * 2500, 1000) == ["a" * 1000, "a" * 1000, "a" * 500]
-    assert embedded._chunks(" \n\n \n", 1000) == []
+    assert embedded_text._chunks("a" * 2500, 1000) == ["a" * 1000, "a" * 1000, "a" * 500]
+    assert embedded_text._chunks(" \n\n \n", 1000) == []
 
 
 def test_select_is_byte_fair_and_capped():
-    doc = embedded._Doc
+    doc = embedded_common._Doc
     big = [doc("a", "x" * 100, 100) for _ in range(20)]
     small = [doc("b", "y" * 10, 10) for _ in range(500)]
-    chosen = embedded._select([big, small], 1000)
+    chosen = embedded_build._select([big, small], 1000)
     taken = [sum([big, small][i][j].nbytes for i2, j in chosen if i2 == i) for i in (0, 1)]
     assert sum(taken) <= 1000 and abs(taken[0] - taken[1]) <= 100
 
@@ -159,7 +164,7 @@ def test_select_is_byte_fair_and_capped():
 def test_strip_wiki_markup():
     text = ("'''Foo''' is a {{cite|x={{y}}}} [[bar|baz]] and [[qux]].<ref>note</ref> "
             "[[File:a.png|thumb|a [[b]] c]][http://x.org Site]\n== Head ==\n[[de:Foo]]")
-    assert embedded._strip_wiki(text) == "Foo is a  baz and qux. Site\nHead"
+    assert embedded_readers._strip_wiki(text) == "Foo is a  baz and qux. Site\nHead"
 
 
 def _xdr_ints(*values: int) -> bytes:
@@ -174,16 +179,16 @@ def _xdr_chars(text: str) -> bytes:
 def test_r_xdr_reader_reads_strings_and_named_lists():
     header = b"X\n" + _xdr_ints(3, 0x040201, 0x030500, 5) + b"UTF-8"
     strings = header + _xdr_ints(16, 2) + _xdr_chars("EMMA") + _xdr_ints(9, -1)
-    assert embedded._RXdr(strings).item() == ["EMMA", None]
+    assert embedded_rdata._RXdr(strings).item() == ["EMMA", None]
     named = (header + _xdr_ints(0x213, 1, 13, 2, 5, 7) + _xdr_ints(0x402, 1) + _xdr_chars("names")
              + _xdr_ints(16, 1) + _xdr_chars("emma") + _xdr_ints(254))
-    assert embedded._RXdr(named).item() == {"emma": [5, 7]}
+    assert embedded_rdata._RXdr(named).item() == {"emma": [5, 7]}
 
 
 def test_dictd_base64_numbers():
-    assert embedded._dict_b64("B") == 1
-    assert embedded._dict_b64("BA") == 64
-    assert embedded._dict_b64("Gb9L") == ((6 * 64 + 27) * 64 + 61) * 64 + 11
+    assert embedded_readers._dict_b64("B") == 1
+    assert embedded_readers._dict_b64("BA") == 64
+    assert embedded_readers._dict_b64("Gb9L") == ((6 * 64 + 27) * 64 + 61) * 64 + 11
 
 
 def test_dep5_licence_and_hand_fallback(tmp_path: Path):
@@ -191,17 +196,17 @@ def test_dep5_licence_and_hand_fallback(tmp_path: Path):
     dep5.write_text("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
                     "Upstream-Name: x\n\nFiles: *\nCopyright: 2020 A\nLicense: MIT\n\n"
                     "Files: debian/*\nLicense: GPL-2+\n")
-    assert embedded._deb_licence("anything", dep5)[0] == "MIT"
+    assert embedded_licences._deb_licence("anything", dep5)[0] == "MIT"
     free = tmp_path / "free"
     free.write_text("This package was debianized by someone.\n")
-    assert embedded._deb_licence("jargon-text", free)[0] == "public-domain"
-    assert embedded._deb_licence("unknown-pkg", free)[0] == "unknown"
+    assert embedded_licences._deb_licence("jargon-text", free)[0] == "public-domain"
+    assert embedded_licences._deb_licence("unknown-pkg", free)[0] == "unknown"
 
 
 def test_rst_sections_split_at_titles():
     text = ("=====\nFAQ\n=====\n\nIntro\n\nQuestion one?\n-------------\n\n" + "Answer one. " * 30
             + "\n\nQuestion two?\n-------------\n\n" + "Answer two. " * 30)
-    units = embedded._rst_sections(text)
+    units = embedded_readers._rst_sections(text)
     assert len(units) == 2
     assert "Question one?" in units[0] and units[1].startswith("Question two?")
 
@@ -214,14 +219,14 @@ def test_apt_update_once_then_per_package_fallback(tmp_path: Path, monkeypatch):
         if cmd[:2] == ["apt-get", "update"]:
             return b""
         if len(calls) == 1 or "missing-pkg" in cmd:  # lists missing at first; one package never exists
-            raise embedded._CommandFailed(cmd, 100, "E: Unable to locate package missing-pkg")
+            raise embedded_fetch._CommandFailed(cmd, 100, "E: Unable to locate package missing-pkg")
         for name in cmd[2:]:
             (Path(cwd) / f"{name}_1.0_all.deb").write_bytes(b"deb")
         return b""
 
     monkeypatch.setattr(embedded_fetch, "_run", fake_run)
     monkeypatch.setattr(embedded_fetch.os, "geteuid", lambda: 0)
-    debs = embedded._download_debs(["good-pkg", "missing-pkg"], tmp_path)
+    debs = embedded_fetch._download_debs(["good-pkg", "missing-pkg"], tmp_path)
     assert [c[:2] for c in calls].count(["apt-get", "update"]) == 1
     assert debs["good-pkg"] == tmp_path / "good-pkg_1.0_all.deb"
     assert "Unable to locate package" in debs["missing-pkg"]

@@ -22,7 +22,7 @@ from experiments.scale import RunRequest, Scale, find_run, load_scale, make_requ
 from experiments.stats import mean_ci
 
 GOLDEN = Path(__file__).parent / "golden"
-TARGETS = {"uniform": "baselines.uniform.UniformMixer", "dograph": "dograph.dograph_mixer.DoGraphMixer",
+TARGETS = {"uniform": "baselines.uniform.UniformMixer", "dograph": "dograph.method.mixer.DoGraphMixer",
            "doremi": "baselines.doremi.DoReMiMixer"}
 DOMAINS = ["code", "wiki"]
 
@@ -202,7 +202,7 @@ def test_every_run_of_every_scale_composes_and_validates(scale_name: str) -> Non
 
 
 def test_a_hand_made_200_step_run_does_not_displace_the_scales_400_step_run(tmp_path: Path) -> None:
-    from dograph.app import overrides_fingerprint
+    from dograph.runs.app import overrides_fingerprint
 
     scale = load_scale("cpu", runs_root=tmp_path)
     (request,) = [r for r in table1.requests(scale) if r.method == "uniform" and r.seed == 0]
@@ -264,8 +264,8 @@ def test_every_staged_method_gets_the_shared_stage_note() -> None:
     """STAGED_METHODS is exactly the methods whose mixer plans stages or a sweep."""
     from conftest import compose_config
 
-    from dograph.app import mixer_class
     from dograph.config import to_run_config
+    from dograph.runs.app import mixer_class
     from experiments.common import STAGED_METHODS, shared_stage_note
 
     staged = set()
@@ -285,9 +285,9 @@ def test_a_run_records_the_fingerprint_of_the_overrides_it_was_given(tmp_path: P
     from conftest import compose_config
     from figure_runs import hydra_job
 
-    from dograph.app import write_run_info
     from dograph.config import to_run_config
     from dograph.distributed import DistContext
+    from dograph.runs.app import write_run_info
 
     scale = load_scale("smoke", runs_root=tmp_path)
     request = make_request(scale, "dograph", "gpt2_tiny", "embedded", 0, m=3)
@@ -311,7 +311,7 @@ def test_the_printed_multiruns_make_jobs_with_their_requests_fingerprints(tmp_pa
     import subprocess
     import sys
 
-    from dograph.app import overrides_fingerprint
+    from dograph.runs.app import overrides_fingerprint
 
     scale = replace(synthetic_scale(tmp_path), common=["trainer.max_steps=0", "eval.tasks=[piqa, copa]"],
                     method_overrides={"loss_based": ["mixer.burn_in=5"]})
@@ -332,7 +332,7 @@ def test_the_printed_multiruns_make_jobs_with_their_requests_fingerprints(tmp_pa
 
 
 class FakeClock:
-    """``time`` for dograph.trainer: perf_counter moves only when a test says so."""
+    """``time`` for dograph.train.trainer: perf_counter moves only when a test says so."""
 
     def __init__(self) -> None:
         import time
@@ -349,9 +349,9 @@ class FakeClock:
 def test_train_time_excludes_validation_and_checkpoints_and_resumes_exactly(make_config, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A step costs 1 s, a validation 10 s and a checkpoint 100 s: train_time_s counts the steps only."""
-    import dograph.trainer as trainer_module
-    from dograph.app import run_training
-    from dograph.metrics import read_metrics
+    import dograph.train.trainer as trainer_module
+    from dograph.runs.app import run_training
+    from dograph.train.metrics import read_metrics
 
     clock = FakeClock()
     monkeypatch.setattr(trainer_module, "time", clock)

@@ -13,7 +13,7 @@ import torch
 from figure_runs import tiny_scale, train_tiny_dograph
 from helpers import ddp_model
 
-from dograph.projection import KroneckerProjector, LossModule, exact_per_sample_grads
+from dograph.step.projection import KroneckerProjector, LossModule, exact_per_sample_grads
 from experiments import figure1, figure3
 from experiments.artifact import NothingToPlot
 from experiments.index import build_index

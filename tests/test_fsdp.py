@@ -13,8 +13,8 @@ from helpers import REPO, ddp_model, free_port, join_gloo, leave_gloo, rank_batc
 
 from dograph.config import EvalConfig, ModelConfig, RunConfig, TrainerConfig, load_group_option
 from dograph.distributed import DistContext
-from dograph.dograph_mixer import DoGraphMixer
 from dograph.errors import ConfigError
+from dograph.method.mixer import DoGraphMixer
 from dograph.parallel import per_rank_parameter_bytes, per_rank_parameter_bytes_of, transformer_blocks
 
 
@@ -22,8 +22,8 @@ def dograph_mixer(dist: DistContext | None = None) -> DoGraphMixer:
     """The small DoGraph mixer of these tests (2 clusters, k = 16, a buffer of 8 samples, 3 domains)."""
     import functools
 
-    from dograph.objectives import UncertaintyObjective
-    from dograph.projection import KroneckerProjector
+    from dograph.method.objectives import UncertaintyObjective
+    from dograph.step.projection import KroneckerProjector
 
     options = {"dist": dist} if dist is not None else {}
     return DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
@@ -109,10 +109,11 @@ def test_checkpointed_blocks_keep_names_and_gradients() -> None:
 @pytest.mark.parametrize("weighted_update", ["fast", "two_pass"])
 def test_checkpointed_dograph_step_is_unchanged(weighted_update: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One process: with activation checkpointing DoGraph's step gives the same gradients, each layer captured once."""
-    import dograph.capture as capture
+    import dograph.step.capture as capture
     from dograph.distributed import DistContext
     from dograph.parallel import checkpoint_blocks
-    from dograph.signals import StepContext, build_step_runner
+    from dograph.step.build import build_step_runner
+    from dograph.step.runners import StepContext
 
     captured = [0]
 
@@ -161,10 +162,11 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
     """
 
     from dograph.distributed import DistContext
-    from dograph.optim import build_optimizer
     from dograph.parallel import checkpoint_blocks, shard_model
-    from dograph.projection import LayerProjection
-    from dograph.signals import StepContext, build_step_runner
+    from dograph.step.build import build_step_runner
+    from dograph.step.projection import LayerProjection
+    from dograph.step.runners import StepContext
+    from dograph.train.optim import build_optimizer
 
     join_gloo(rank, world, port)
     dist = DistContext(rank=rank, world_size=world)
@@ -183,7 +185,7 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
         mixer = LossBasedMixer(strategy="extremes", kl_reg=0.4, burn_in=1, domains=["a", "b", "c"], dist=dist)
     elif kind == "doremi":
         from baselines.doremi import DoReMiProxyMixer
-        from dograph.pipeline import StageResult
+        from dograph.runs.pipeline import StageResult
 
         reference = StageResult("doremi", "reference", "test", Path(out_dir) / "reference")
         mixer = DoReMiProxyMixer(stage_results={"reference": reference}, domains=["a", "b", "c"],
@@ -207,7 +209,7 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
         projected[0] += 1
         return project(self, *args, **kwargs)
 
-    import dograph.capture as capture
+    import dograph.step.capture as capture
 
     captured = [0]
     call_class = capture._Call
@@ -299,7 +301,7 @@ def _launch(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
 
 
 def _train_losses(run_dir: Path) -> list[float]:
-    from dograph.metrics import read_metrics
+    from dograph.train.metrics import read_metrics
 
     return [r["train/loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
 
@@ -331,7 +333,7 @@ def test_fsdp_end_to_end_and_exact_resume(tiny_overrides: list[str], tmp_path: P
     assert not list(checkpoints.glob(".*.tmp"))  # written atomically: no temporary directory left
     dcp_to_torch_save(checkpoints / "step_00000004.shards", tmp_path / "gathered.pt")  # each rank wrote its shards
     state = torch.load(tmp_path / "gathered.pt", weights_only=False)["model"]
-    from dograph.checkpoint import model_weights
+    from dograph.train.checkpoint import model_weights
 
     weights = model_weights(checkpoints / "step_00000004.pt")  # Figure 1's reading of the two ranks' shards
     for name, value in exported.state_dict().items():
@@ -445,8 +447,8 @@ def test_fsdp_double_save_keeps_latest_valid_at_every_moment(tmp_path: Path, mon
     import torch.distributed as torch_dist
 
     from baselines.uniform import UniformMixer
-    from dograph.checkpoint import load_latest, model_weights
-    from dograph.trainer import Trainer
+    from dograph.train.checkpoint import load_latest, model_weights
+    from dograph.train.trainer import Trainer
 
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -497,7 +499,8 @@ def _mixed_precision_grads(rank: int, world: int, port: int, update: str, out_di
     """DoGraph's gradients of 3 steps under FSDP's bf16 mixed precision (on the CPU), gathered whole."""
     from dograph.distributed import DistContext
     from dograph.parallel import shard_model
-    from dograph.signals import StepContext, build_step_runner
+    from dograph.step.build import build_step_runner
+    from dograph.step.runners import StepContext
 
     join_gloo(rank, world, port)
     dist = DistContext(rank=rank, world_size=world)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dograph.graph import ClusterStatistics, cluster_domain_agreement, cosine_adjacency, laplacian
+from dograph.method.graph import ClusterStatistics, cluster_domain_agreement, cosine_adjacency, laplacian
 
 # step 1: cluster 0 gets (1, 0) and (3, 0), cluster 1 gets (0, 2), cluster 2 is absent
 STEP1 = (

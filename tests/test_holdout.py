@@ -15,6 +15,7 @@ import torch
 from dograph.config import DataConfig
 from dograph.data import builder
 from dograph.data.builder import build_run_data, build_validation, tokenizer_cache_key
+from dograph.data.corpus import build_corpus
 from dograph.data.packing import (
     HOLDOUT_CEILING,
     DomainPacker,
@@ -26,7 +27,6 @@ from dograph.data.packing import (
     is_validation_doc,
     plan_domain_holdout,
 )
-from dograph.data.sources import build_corpus
 from dograph.data.tokenizer import train_bpe
 from dograph.distributed import DistContext
 from dograph.errors import DataError

@@ -11,11 +11,11 @@ import torch
 
 import baselines.loss_based as loss_based
 from baselines.loss_based import LossBasedMixer, loss_based_weights, normalised_losses
-from dograph.app import run_training
 from dograph.distributed import DistContext
 from dograph.errors import ConfigError
-from dograph.metrics import read_metrics
 from dograph.mixing import StepSignals
+from dograph.runs.app import run_training
+from dograph.train.metrics import read_metrics
 
 STRATEGIES = ["mid", "upper", "linupper", "extremes"]
 
@@ -168,7 +168,7 @@ def test_bad_settings_are_one_line_config_errors(kwargs: dict, message: str) -> 
 
 
 def test_bad_strategy_from_the_config_names_its_key(make_config) -> None:
-    from dograph.app import build_mixer
+    from dograph.runs.app import build_mixer
 
     cfg = make_config("mixer=loss_based", "mixer.strategy=lower")
     with pytest.raises(ConfigError, match=r"^mixer\.strategy must be one of"):

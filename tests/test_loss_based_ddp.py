@@ -35,7 +35,8 @@ def _run_steps(rank: int, world: int, out_dir: str, micro: int, computed: list) 
 
     import baselines.loss_based as loss_based
     from dograph.distributed import DistContext
-    from dograph.signals import ReweightStep, StepContext, build_step_runner
+    from dograph.step.build import build_step_runner
+    from dograph.step.runners import ReweightStep, StepContext
 
     ctx_dist = DistContext(rank=rank, world_size=world)
     model = ddp_model()

@@ -16,7 +16,7 @@ import pytest
 from scipy.optimize import minimize
 
 from dograph.errors import ConfigError
-from dograph.objectives import (
+from dograph.method.objectives import (
     AlignmentObjective,
     Objective,
     ObjectiveInputs,
@@ -188,7 +188,7 @@ def test_variance_infeasible_descent_falls_back(caplog: pytest.LogCaptureFixture
     x = make_inputs(0, 4)
     x = replace(x, mean_grad=-x.means.mean(axis=0) * 10.0)  # every cluster points uphill
     obj = VarianceObjective(num_clusters=4)
-    with caplog.at_level(logging.WARNING, logger="dograph.objectives"):
+    with caplog.at_level(logging.WARNING, logger="dograph.method.objectives"):
         result = obj.solve(x, np.full(4, 0.25), step=3)
     assert result.fallback
     assert_feasible(obj, x, result.weights)
@@ -237,7 +237,7 @@ def test_solver_exception_falls_back_to_projected_closed_form(
         raise cp.error.SolverError("solver exploded")
 
     monkeypatch.setattr(obj.problem, "solve", broken)
-    with caplog.at_level(logging.WARNING, logger="dograph.objectives"):
+    with caplog.at_level(logging.WARNING, logger="dograph.method.objectives"):
         result = obj.solve(x, np.full(11, 1 / 11), step=42)
     assert result.fallback
     lower = obj.floor / x.active.sum() * x.active
@@ -265,7 +265,7 @@ def test_nan_inputs_give_uniform_over_active(cls: type[Objective], caplog: pytes
     bad = x.means.copy()
     bad[np.flatnonzero(x.active)[0], 0] = np.nan
     x = replace(x, means=bad, variances=np.where(x.active, np.nan, 1.0), losses=np.full(5, np.inf))
-    with caplog.at_level(logging.WARNING, logger="dograph.objectives"):
+    with caplog.at_level(logging.WARNING, logger="dograph.method.objectives"):
         result = cls(num_clusters=5).solve(x, np.full(5, 0.2), step=9)
     assert result.fallback and np.isnan(result.value)
     np.testing.assert_allclose(result.weights, x.active / x.active.sum())

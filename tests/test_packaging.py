@@ -39,3 +39,15 @@ def test_readme_leads_with_the_two_commands() -> None:
     readme = (REPO / "README.md").read_text()
     first = readme[:1500]
     assert "make demo" in first and "make test" in first
+
+
+def test_package_discovery_finds_every_package_of_the_project() -> None:
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(find_packages(str(REPO), include=include))
+    directories = {".".join(p.parent.relative_to(REPO).parts) for root in ("dograph", "baselines", "experiments")
+                   for p in (REPO / root).rglob("*.py") if "__pycache__" not in p.parts}
+    assert directories <= found, sorted(directories - found)  # a folder of modules without __init__.py is not shipped
+    assert {"dograph.step", "dograph.method", "dograph.method.objectives", "dograph.train", "dograph.runs",
+            "dograph.eval"} <= found

@@ -20,15 +20,14 @@ from conftest import compose_config
 from helpers import build_local_corpus, free_port
 
 import dograph.distributed
-import dograph.pipeline
+import dograph.runs.pipeline
 from baselines.fixed import PUBLISHED_MIXTURES, SLIMPAJAMA, StageMixtureMixer, resolve_mixture
-from dograph.app import run_training
 from dograph.config import DataConfig, to_run_config
 from dograph.distributed import DistContext
 from dograph.errors import ConfigError, DataError
-from dograph.metrics import read_metrics
 from dograph.mixing import Mixer, MixerOutput, StepSignals
-from dograph.pipeline import (
+from dograph.runs.app import run_training
+from dograph.runs.pipeline import (
     StageEnvironment,
     StageIncomplete,
     StageSpec,
@@ -41,6 +40,7 @@ from dograph.pipeline import (
     stage_lock,
     tokenizer_fingerprint,
 )
+from dograph.train.metrics import read_metrics
 
 # ---- a two-stage method for the tests: uniform "first", then "second" turns first's steps into a mixture
 
@@ -64,6 +64,8 @@ class StepsToMixture(Mixer):
 
 
 class TwoStageMethod(StageMixtureMixer):
+    name = "test_pipeline"  # its stages live under stages/test_pipeline/
+
     @classmethod
     def plan_stages(cls, node: dict[str, Any]) -> list[StageSpec]:
         return [StageSpec("first", {"_target_": "baselines.uniform.UniformMixer"}, dict(node["first"])),
@@ -171,7 +173,7 @@ def test_stage_key_changes_with_format_version_world_size_and_precision(staged, 
     assert key(env=cuda) != reference
     assert key("fp32") == reference and key("fp32", cuda) == reference
     assert key("bf16") == key(env=cuda) == key("bf16", cuda)
-    monkeypatch.setattr("dograph.pipeline.STAGE_FORMAT_VERSION", dograph.pipeline.STAGE_FORMAT_VERSION + 1)
+    monkeypatch.setattr("dograph.runs.pipeline.STAGE_FORMAT_VERSION", dograph.runs.pipeline.STAGE_FORMAT_VERSION + 1)
     assert key() != reference  # stage-making code changed: no stage made by the old code is reused
 
 
@@ -273,17 +275,17 @@ def test_stage_records_its_commit_and_a_reuse_by_another_commit_says_so(staged, 
     made = dataclasses.replace(ENV, git={"commit": "aaa111", "dirty": True})
     first = run_stage(main, "m", spec, {}, DistContext(), fake_train, env=made)
     assert read_marker(first.run_dir)["git"] == {"commit": "aaa111", "dirty": True}
-    assert read_marker(first.run_dir)["stage_format"] == dograph.pipeline.STAGE_FORMAT_VERSION
-    with caplog.at_level(logging.INFO, logger="dograph.pipeline"):
+    assert read_marker(first.run_dir)["stage_format"] == dograph.runs.pipeline.STAGE_FORMAT_VERSION
+    with caplog.at_level(logging.INFO, logger="dograph.runs.pipeline"):
         same = run_stage(main, "m", spec, {}, DistContext(), fake_train, env=made)
     assert same.reused and "made by commit" not in caplog.text
-    with caplog.at_level(logging.INFO, logger="dograph.pipeline"):
+    with caplog.at_level(logging.INFO, logger="dograph.runs.pipeline"):
         again = run_stage(main, "m", spec, {}, DistContext(), fake_train,
                           env=dataclasses.replace(ENV, git={"commit": "bbb222", "dirty": False}))
     assert again.reused and again.run_dir == first.run_dir
     lines = [r.getMessage() for r in caplog.records if "made by commit" in r.getMessage()]
     assert lines == [f"stage m/first was made by commit aaa111 (dirty); this is bbb222 (same stage format "
-                     f"{dograph.pipeline.STAGE_FORMAT_VERSION}, so reused)"]
+                     f"{dograph.runs.pipeline.STAGE_FORMAT_VERSION}, so reused)"]
 
 
 def _unreadable_record_on_rank(rank: int, world: int, port: int, main: Any, out_dir: str) -> None:
@@ -298,7 +300,7 @@ def _unreadable_record_on_rank(rank: int, world: int, port: int, main: Any, out_
     context = DistContext(rank=rank, world_size=world)
     spec = TwoStageMethod.plan_stages(main.mixer)[0]
     env = stage_environment(main, context, [stage_config(main, "m", spec)])
-    _, _, run_dir = dograph.pipeline.locate_stage(main, "m", spec, {}, env)
+    _, _, run_dir = dograph.runs.pipeline.locate_stage(main, "m", spec, {}, env)
     if rank == 0:
         run_dir.mkdir(parents=True)
         (run_dir / "stage.json").write_text("{truncated")
@@ -341,13 +343,13 @@ def test_an_unreadable_record_fails_every_rank_with_the_same_line(staged, monkey
     main = staged()
     spec = TwoStageMethod.plan_stages(main.mixer)[0]
     env = dataclasses.replace(ENV, world_size=2)
-    _, _, run_dir = dograph.pipeline.locate_stage(main, "m", spec, {}, env)
+    _, _, run_dir = dograph.runs.pipeline.locate_stage(main, "m", spec, {}, env)
     run_dir.mkdir(parents=True)
     (run_dir / "stage.json").write_text("{truncated")
     world = ThreadWorld(2)
-    monkeypatch.setattr(dograph.pipeline, "all_gather_objects", world.all_gather_objects)
+    monkeypatch.setattr(dograph.runs.pipeline, "all_gather_objects", world.all_gather_objects)
     monkeypatch.setattr(dograph.distributed, "all_gather_objects", world.all_gather_objects)  # from_main
-    monkeypatch.setattr(dograph.pipeline, "barrier", world.barrier)
+    monkeypatch.setattr(dograph.runs.pipeline, "barrier", world.barrier)
     outcomes: dict[int, str] = {}
 
     def rank(r: int) -> None:

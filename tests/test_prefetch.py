@@ -11,12 +11,12 @@ import torch
 from helpers import FakeMixer
 from test_trainer import train_losses
 
-from dograph.app import run_training
 from dograph.data.packing import DomainPacker
 from dograph.data.sampler import MixtureSampler
 from dograph.data.tokenizer import train_bpe
 from dograph.errors import DataError
 from dograph.mixing import StepSignals
+from dograph.runs.app import run_training
 
 
 class ListSource:
@@ -148,10 +148,10 @@ class DriftingMixer(FakeMixer):
 @pytest.mark.parametrize("mixer", ["loss_based", "drifting"])
 def test_training_losses_equal_with_and_without_prefetch(make_config, tmp_path: Path, monkeypatch,
                                                          mixer: str) -> None:
-    import dograph.app
+    import dograph.runs.app
 
     if mixer == "drifting":
-        monkeypatch.setattr(dograph.app, "build_mixer", lambda *args: DriftingMixer([1.0, 2.0, 1.0]))
+        monkeypatch.setattr(dograph.runs.app, "build_mixer", lambda *args: DriftingMixer([1.0, 2.0, 1.0]))
     losses = {}
     for prefetch in (0, 2):
         run_dir = tmp_path / f"prefetch{prefetch}"
@@ -178,7 +178,7 @@ def test_resume_with_prefetch_matches_a_straight_synchronous_run(make_config, tm
 
 
 def test_prefetch_thread_ends_when_training_fails(make_config, tmp_path: Path, monkeypatch) -> None:
-    from dograph.trainer import Trainer
+    from dograph.train.trainer import Trainer
 
     def fail(self) -> None:
         self.data.sampler.next_batch(self.micro_batch)  # the worker is running now

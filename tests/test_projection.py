@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dograph.capture import GradientCapture
 from dograph.config import ModelConfig
 from dograph.data.packing import DomainPacker
 from dograph.data.sources import JsonlDomainSource
 from dograph.data.tokenizer import train_bpe
 from dograph.models import build_model, per_sample_loss
-from dograph.projection import (
+from dograph.step.capture import GradientCapture
+from dograph.step.projection import (
     DenseReferenceProjector,
     KroneckerProjector,
     LossModule,

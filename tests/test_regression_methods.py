@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from baselines.regmix import RegMixMixer
-from dograph.app import run_training
 from dograph.errors import ConfigError, DataError
-from dograph.pipeline import StageResult
-from dograph.sweep import ProxyOutcome, SweepResult
+from dograph.runs.app import run_training
+from dograph.runs.pipeline import StageResult
+from dograph.runs.sweep import ProxyOutcome, SweepResult
 
 SMALL_SWEEP = ("mixer.proxy.trainer=debug", "mixer.proxy.max_steps=2", "trainer.max_steps=2")
 METHODS = {

@@ -1,4 +1,4 @@
-"""Proxy sweeps: cached proxies, resumption, failures, the launchers (dograph/sweep.py)."""
+"""Proxy sweeps: cached proxies, resumption, failures, the launchers (dograph/runs/sweep.py)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import pytest
 import torch
 from helpers import REPO
 
-import dograph.pipeline
-import dograph.sweep
+import dograph.runs.pipeline
+import dograph.runs.sweep
 from baselines.fixed import FixedMixer
 from baselines.sweep_fit import FitOutcome, SweepFitMixer
-from dograph.app import run_training
 from dograph.distributed import DistContext
 from dograph.errors import DataError
-from dograph.pipeline import StageIncomplete
-from dograph.sweep import ProxyOutcome, SweepResult, SweepSpec
+from dograph.runs.app import run_training
+from dograph.runs.pipeline import StageIncomplete
+from dograph.runs.sweep import ProxyOutcome, SweepResult, SweepSpec
 
 MIXTURES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]]
 
@@ -36,6 +36,7 @@ MIXTURES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 
 class BestProxy(FixedMixer):
     """A toy regression method: the main run samples the proxy mixture with the lowest average loss."""
 
+    name = "test_sweep"  # its proxies live under stages/test_sweep/
     has_sweep = True
 
     @classmethod
@@ -95,7 +96,7 @@ def test_sweep_trains_every_proxy_and_reuses_them(sweep_cfg, tmp_path: Path) -> 
 
 
 def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_path: Path, monkeypatch) -> None:
-    real = dograph.sweep.run_stage
+    real = dograph.runs.sweep.run_stage
     trained: list[str] = []
 
     def dies_at_the_third(main, method_name, spec, needed, dist, train, **options):
@@ -104,7 +105,7 @@ def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_p
         trained.append(str(spec.mixer["mixture"]))
         return real(main, method_name, spec, needed, dist, train, **options)
 
-    monkeypatch.setattr(dograph.sweep, "run_stage", dies_at_the_third)
+    monkeypatch.setattr(dograph.runs.sweep, "run_stage", dies_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         run_training(sweep_cfg(), tmp_path / "main")
     assert len(markers(tmp_path)) == 2
@@ -114,21 +115,21 @@ def test_a_sweep_killed_halfway_trains_only_the_missing_proxies(sweep_cfg, tmp_p
         counted.append(str(spec.mixer["mixture"]))
         return real(main, method_name, spec, needed, dist, train, **options)
 
-    monkeypatch.setattr(dograph.sweep, "run_stage", counting)
+    monkeypatch.setattr(dograph.runs.sweep, "run_stage", counting)
     run_training(sweep_cfg(), tmp_path / "main2")
     assert counted == [str(MIXTURES[2]), str(MIXTURES[3])]  # only the two it lacked
     assert len(markers(tmp_path)) == 4
 
 
 def test_a_failed_proxy_is_reported_and_left_out(sweep_cfg, tmp_path: Path, monkeypatch) -> None:
-    real = dograph.sweep.run_stage
+    real = dograph.runs.sweep.run_stage
 
     def second_fails(main, method_name, spec, needed, dist, train, **options):
         if spec.mixer["mixture"] == MIXTURES[1]:
             raise RuntimeError("out of memory (simulated)")
         return real(main, method_name, spec, needed, dist, train, **options)
 
-    monkeypatch.setattr(dograph.sweep, "run_stage", second_fails)
+    monkeypatch.setattr(dograph.runs.sweep, "run_stage", second_fails)
     run_training(sweep_cfg(), tmp_path / "main")
     rows = table(tmp_path)
     assert [r["status"] for r in rows] == ["ok", "failed", "ok", "ok"]
@@ -185,23 +186,23 @@ def test_paused_proxies_of_a_launcher_stop_the_sweep(sweep_cfg, tmp_path: Path, 
     """A launcher's jobs pause (paused.json): the sweep stops in one line instead of fitting on fewer proxies."""
     main, spec = sweep_cfg(), fake_sweep("joblib", stop_after_steps=1)
 
-    def jobs(main, method_name, spec, missing, directory, env) -> None:  # what dograph.sweep_job does per proxy
+    def jobs(main, method_name, spec, missing, directory, env) -> None:  # what dograph.runs.sweep_job does per proxy
         for index in missing:
             with contextlib.suppress(StageIncomplete):
-                dograph.sweep.train_proxy(main, method_name, spec, index, DistContext(), fake_train, env)
+                dograph.runs.sweep.train_proxy(main, method_name, spec, index, DistContext(), fake_train, env)
 
-    monkeypatch.setattr(dograph.sweep, "_launch_multirun", jobs)
+    monkeypatch.setattr(dograph.runs.sweep, "_launch_multirun", jobs)
     with pytest.raises(StageIncomplete, match=r"3 of 3 test_sweep proxies stopped before their last step "
                                               r"\(stop_after_steps\), the first in .*proxy-.*: run the same command"):
-        dograph.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)
+        dograph.runs.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)
     assert [r["status"] for r in table(tmp_path)] == ["paused"] * 3
-    result = dograph.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)  # resumes
+    result = dograph.runs.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)  # resumes
     assert [o.ok for o in result.outcomes] == [True] * 3 and [o.result.steps for o in result.outcomes] == [2] * 3
 
 
 def _write_tables(result: SweepResult, rounds: int) -> None:
     for _ in range(rounds):
-        dograph.sweep.write_table(result, {"seed": 3})
+        dograph.runs.sweep.write_table(result, {"seed": 3})
 
 
 def test_main_runs_sharing_a_sweep_write_its_table_under_their_own_temporaries(tmp_path: Path) -> None:
@@ -228,7 +229,7 @@ def test_fit_report_and_plot_are_written_under_temporaries_of_this_process(tmp_p
         renamed.append((Path(src).name, Path(dst).name))
         real(src, dst)
 
-    monkeypatch.setattr(dograph.pipeline.os, "replace", recording)
+    monkeypatch.setattr(dograph.runs.pipeline.os, "replace", recording)
     outcome = FitOutcome(np.array([0.5, 0.5]), 1.0, "loss", {}, np.array([1.0, 2.0]), np.array([1.1, 1.9]))
     reporter = SimpleNamespace(report=lambda: {"predicted_loss": 1.0}, outcome=outcome, label="toy")
     SweepFitMixer.write_report(reporter, tmp_path, "-abc")
@@ -240,7 +241,7 @@ def test_fit_report_and_plot_are_written_under_temporaries_of_this_process(tmp_p
 
 
 def _hold_sweep_lock(directory: str, held: Any, seconds: float) -> None:
-    with dograph.sweep.sweep_lock(Path(directory), DistContext()):
+    with dograph.runs.sweep.sweep_lock(Path(directory), DistContext()):
         held.set()
         time.sleep(seconds)
 
@@ -248,16 +249,16 @@ def _hold_sweep_lock(directory: str, held: Any, seconds: float) -> None:
 def test_main_runs_sharing_a_sweep_take_its_lock(sweep_cfg, tmp_path: Path) -> None:
     """A second main run waits for the first to finish with the sweep before it writes the sweep's files."""
     main, spec = sweep_cfg(), fake_sweep()
-    env = dograph.sweep.sweep_environment(main, "test_sweep", spec, DistContext())
-    keys = [dograph.pipeline.locate_stage(main, "test_sweep", spec.proxy(i), {}, env)[1] for i in range(3)]
-    directory = dograph.sweep.sweep_directory(main, "test_sweep", spec, keys)
+    env = dograph.runs.sweep.sweep_environment(main, "test_sweep", spec, DistContext())
+    keys = [dograph.runs.pipeline.locate_stage(main, "test_sweep", spec.proxy(i), {}, env)[1] for i in range(3)]
+    directory = dograph.runs.sweep.sweep_directory(main, "test_sweep", spec, keys)
     context = multiprocessing.get_context("fork")
     held = context.Event()
     other = context.Process(target=_hold_sweep_lock, args=(str(directory), held, 2.0))
     other.start()
     assert held.wait(60)
     started = time.perf_counter()
-    result = dograph.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)
+    result = dograph.runs.sweep.run_sweep(main, "test_sweep", spec, DOMAINS, DistContext(), fake_train)
     waited = time.perf_counter() - started
     other.join(30)
     assert result.directory == directory and waited > 1.0, waited
@@ -275,7 +276,7 @@ def test_joblib_launcher_runs_a_four_proxy_sweep_with_two_workers(sweep_cfg, tmp
 
 @pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm"])
 def test_slurm_launcher_configs_compose_without_slurm(launcher: str) -> None:
-    for entry in (["run.py"], ["-m", "dograph.sweep_job", "job.file=x.json", "job.index=0"]):
+    for entry in (["run.py"], ["-m", "dograph.runs.sweep_job", "job.file=x.json", "job.index=0"]):
         proc = subprocess.run([sys.executable, *entry, f"hydra/launcher={launcher}", "--cfg", "hydra"],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]

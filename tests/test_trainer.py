@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import FakeMixer
 
-from dograph.app import run_training
-from dograph.checkpoint import load_checkpoint
 from dograph.errors import ConfigError
-from dograph.metrics import read_metrics
+from dograph.runs.app import run_training
+from dograph.train.checkpoint import load_checkpoint
+from dograph.train.metrics import read_metrics
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -91,7 +91,8 @@ def test_reweighting_step_equals_autograd_of_the_weighted_loss() -> None:
     from dograph.data.sampler import Batch
     from dograph.distributed import DistContext
     from dograph.models import build_model, per_sample_loss
-    from dograph.signals import ReweightStep, StepContext, build_step_runner
+    from dograph.step.build import build_step_runner
+    from dograph.step.runners import ReweightStep, StepContext
 
     tokens = torch.randint(0, 100, (6, 9), generator=torch.Generator().manual_seed(0))
     domains = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -111,9 +112,9 @@ def test_reweighting_step_equals_autograd_of_the_weighted_loss() -> None:
 
 
 def test_trainer_applies_the_mixers_sampling_mixture(make_config, tmp_path: Path, monkeypatch) -> None:
-    import dograph.app
+    import dograph.runs.app
 
-    monkeypatch.setattr(dograph.app, "build_mixer", lambda *args: ShiftingMixer([1.0, 1.0, 1.0]))
+    monkeypatch.setattr(dograph.runs.app, "build_mixer", lambda *args: ShiftingMixer([1.0, 1.0, 1.0]))
     run_training(make_config("trainer.max_steps=3"), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")
     assert torch.equal(state["ranks"][0]["data"]["mixture"], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))

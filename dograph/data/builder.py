@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from dograph.config import DataConfig
+from dograph.data.corpus import build_corpus
 from dograph.data.packing import (
     HOLDOUT_CEILING,
     DomainHoldout,
@@ -23,7 +24,7 @@ from dograph.data.packing import (
     plan_domain_holdout,
 )
 from dograph.data.sampler import MixtureSampler
-from dograph.data.sources import Corpus, build_corpus, text_digest
+from dograph.data.sources import Corpus, text_digest
 from dograph.data.tokenizer import load_tokenizer
 from dograph.distributed import DistContext, barrier
 from dograph.errors import DataError

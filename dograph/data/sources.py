@@ -226,21 +226,3 @@ def jsonl_corpus(cfg: DataConfig) -> Corpus:
     if path.is_dir():
         return jsonl_directory_corpus(cfg, path, f"jsonl directory {path}")
     return jsonl_file_corpus(cfg, path)
-
-
-def embedded_corpus(cfg: DataConfig, cache_dir: Path) -> Corpus:
-    from dograph.data.embedded import ensure_embedded_corpus
-
-    directory = ensure_embedded_corpus(Path(cache_dir), min_domains=cfg.min_domains)
-    return jsonl_directory_corpus(cfg, directory, f"embedded corpus {directory}")
-
-
-def build_corpus(cfg: DataConfig, cache_dir: Path) -> Corpus:
-    """The corpus a ``dataset`` config describes."""
-    if cfg.source == "embedded":
-        return embedded_corpus(cfg, cache_dir)
-    if cfg.source == "jsonl":
-        return jsonl_corpus(cfg)
-    from dograph.data.hub import hf_corpus
-
-    return hf_corpus(cfg)

@@ -30,12 +30,11 @@ from dograph.config import RunConfig
 from dograph.data.builder import RunData, build_run_data, load_corpus
 from dograph.data.tokenizer import is_pretrained, pretrained_tokenizer, tokenizer_vocab_size
 from dograph.distributed import DistContext, barrier, init_distributed, shutdown
-from dograph.downstream import check_task_names, evaluate_after_training
 from dograph.errors import ConfigError, DographError
-from dograph.metrics import MetricsWriter
-from dograph.mixing import Mixer
+from dograph.eval.downstream import check_task_names, evaluate_after_training
+from dograph.mixing import Mixer, mixer_name
 from dograph.models import build_model, count_parameters, format_count
-from dograph.pipeline import (
+from dograph.runs.pipeline import (
     StageResult,
     StageSpec,
     git_state,
@@ -43,9 +42,10 @@ from dograph.pipeline import (
     write_stage_summary,
     write_text_atomically,
 )
-from dograph.reporting import print_run_summary
-from dograph.sweep import SweepResult, run_sweep
-from dograph.trainer import Trainer, TrainResult
+from dograph.runs.summary import print_run_summary
+from dograph.runs.sweep import SweepResult, run_sweep
+from dograph.train.metrics import MetricsWriter
+from dograph.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "hf", "wandb", "wandb_id", "run_info.json", "mixer", "summary.json",
@@ -84,8 +84,11 @@ def mixer_class(cfg: RunConfig) -> type[Mixer]:
 
 
 def method_name(cfg: RunConfig) -> str:
-    """The method's name for stage directories: the module of its mixer (``baselines.doremi.X`` -> doremi)."""
-    return str(cfg.mixer["_target_"]).rsplit(".", 2)[-2]
+    """The method's registered name (``Mixer.name``): its stage directories and stage keys use it."""
+    try:
+        return mixer_name(mixer_class(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"mixer._target_={cfg.mixer['_target_']}: {exc}") from None
 
 
 def plan_stages(cfg: RunConfig) -> list[StageSpec]:
@@ -221,17 +224,17 @@ def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
     check_before_work(cfg)
     dist = init_distributed(cfg.trainer.device)
     try:
-        cls, method = mixer_class(cfg), method_name(cfg)
+        cls = mixer_class(cfg)
         specs = cls.plan_stages(dict(cfg.mixer))
         sweep = None
         if cls.has_sweep:
             corpus = load_corpus(cfg.dataset, cache_dir=Path(cfg.paths.cache_dir), dist=dist)
             plan = cls.plan_sweep(dict(cfg.mixer), list(corpus.domains), list(corpus.natural_mixture))
-            sweep = run_sweep(cfg, method, plan, corpus.domains, dist, _train)
-        results = run_stages(cfg, method, specs, dist, _train) if specs else {}
+            sweep = run_sweep(cfg, method_name(cfg), plan, corpus.domains, dist, train_run)
+        results = run_stages(cfg, method_name(cfg), specs, dist, train_run) if specs else {}
         if not results and sweep is None:
-            return _train(cfg, run_dir, dist)
-        result = _train(cfg, run_dir, dist, stage_results=results or None, sweep=sweep)
+            return train_run(cfg, run_dir, dist)
+        result = train_run(cfg, run_dir, dist, stage_results=results or None, sweep=sweep)
         if dist.is_main:
             earlier = [*(r for r in results.values()), *(o.result for o in (sweep.successful if sweep else []))]
             write_stage_summary(run_dir, earlier)
@@ -279,8 +282,8 @@ def write_run_summary(run_dir: Path, result: TrainResult, domains: list[str]) ->
     tmp.replace(run_dir / "summary.json")
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict[str, StageResult] | None = None,
-           sweep: SweepResult | None = None, quiet: bool = False) -> TrainResult:
+def train_run(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: dict[str, StageResult] | None = None,
+              sweep: SweepResult | None = None, quiet: bool = False) -> TrainResult:
     """One training run; ``quiet`` (a sweep's proxies) ends with one line instead of the full summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=dist.is_main)

@@ -1,7 +1,7 @@
 """Downstream evaluation of a causal LM with lm-evaluation-harness (lm-eval 0.4).
 
 One code path for the model in memory at the end of training and for a run's ``hf/``
-export (``python -m dograph.evaluate``): the model object is wrapped in lm-eval's ``HFLM``
+export (``python -m dograph.eval``): the model object is wrapped in lm-eval's ``HFLM``
 and scored by ``lm_eval.simple_evaluate``. Outputs, in the run directory:
 
 * ``eval/lm_eval.json``: lm-eval's whole result (without per-sample logs);
@@ -276,7 +276,7 @@ def resolve_tasks(cfg: RunConfig, corpus: Any = None) -> tuple[list[str], list[P
     The local ``dograph_*`` tasks are built on demand from the run's corpus into
     ``paths.cache_dir/lm_eval_tasks`` unless ``eval.include_path`` is set (it then provides them).
     """
-    from dograph.eval_tasks import LOCAL_TASKS, local_tasks_dir
+    from dograph.eval.tasks import LOCAL_TASKS, local_tasks_dir
 
     names = cfg.eval.task_names
     paths = [Path(cfg.eval.include_path).expanduser().resolve()] if cfg.eval.include_path else []
@@ -284,7 +284,7 @@ def resolve_tasks(cfg: RunConfig, corpus: Any = None) -> tuple[list[str], list[P
         raise ConfigError(f"eval.include_path={cfg.eval.include_path} is not a directory")
     if not paths and any(name in LOCAL_TASKS for name in names):
         if corpus is None:
-            from dograph.data.sources import build_corpus
+            from dograph.data.corpus import build_corpus
 
             corpus = build_corpus(cfg.dataset, Path(cfg.paths.cache_dir))
         paths.append(local_tasks_dir(cfg.dataset, corpus, Path(cfg.paths.cache_dir), n_items=cfg.eval.local_items))
@@ -293,7 +293,7 @@ def resolve_tasks(cfg: RunConfig, corpus: Any = None) -> tuple[list[str], list[P
 
 def check_task_names(cfg: RunConfig) -> None:
     """Fail before training on a task name lm-eval does not know (local tasks need no index)."""
-    from dograph.eval_tasks import LOCAL_TASKS
+    from dograph.eval.tasks import LOCAL_TASKS
 
     names = [n for n in cfg.eval.task_names if cfg.eval.include_path or n not in LOCAL_TASKS]
     if names:
@@ -367,7 +367,7 @@ def write_results(run_dir: Path, result: DownstreamResult, *, step: int | None, 
     _write_json(run_dir / "eval" / "scores.json", result.compact())
     if writer is None:
         from dograph.config import LoggerConfig
-        from dograph.metrics import MetricsWriter
+        from dograph.train.metrics import MetricsWriter
 
         writer = MetricsWriter(run_dir, LoggerConfig(mode="disabled"), enabled=True, config={}, run_name="eval")
     writer.write("downstream", step, result.record())
@@ -435,7 +435,7 @@ def evaluate_after_training(cfg: RunConfig, model: Any, tokenizer: Any, run_dir:
     accelerate's launcher and a model per process, not torchrun's group. The barrier is a
     gloo group with a long timeout, so a long evaluation does not trip NCCL's watchdog.
     A task that cannot be loaded (no network) is a warning here, not a failed run: the
-    trained model is saved and ``python -m dograph.evaluate`` evaluates it later.
+    trained model is saved and ``python -m dograph.eval`` evaluates it later.
     """
     group = _long_barrier_group(dist)
     result = None
@@ -447,7 +447,7 @@ def evaluate_after_training(cfg: RunConfig, model: Any, tokenizer: Any, run_dir:
                 result = evaluate(model, tokenizer, cfg, run_dir, step=step, writer=writer, corpus=corpus)
             except DographError as exc:
                 print(f"warning: downstream evaluation skipped: {exc} (evaluate the run later with "
-                      f"python -m dograph.evaluate {run_dir})", file=sys.stderr)
+                      f"python -m dograph.eval {run_dir})", file=sys.stderr)
             else:
                 print_result(result)
                 print(f"({time.time() - started:.0f} s; {run_dir / 'eval' / 'scores.json'})")

@@ -1,7 +1,7 @@
 """The training loop: sample -> step (runner chosen from the mixer's needs) -> clip -> AdamW -> log/eval/ckpt.
 
 The trainer names no mixer; it only asks the mixer for a sampling mixture after each step
-and hands it to the step runner (``dograph.signals``). Everything stateful goes through
+and hands it to the step runner (``dograph.step.runners``). Everything stateful goes through
 one checkpoint, so ``resume=true`` continues exactly as if the run had never stopped.
 """
 
@@ -20,7 +20,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dograph.checkpoint import (
+from dograph.config import TrainerConfig
+from dograph.data.builder import RunData
+from dograph.distributed import DistContext, all_gather_objects, from_main
+from dograph.errors import ConfigError
+from dograph.mixing import Mixer
+from dograph.parallel import (
+    checkpoint_blocks,
+    full_model_state_dict,
+    load_sharded_state,
+    save_sharded_state,
+    shard_model,
+)
+from dograph.step.build import build_step_runner
+from dograph.step.runners import StepContext
+from dograph.train.checkpoint import (
     fresh_shards_dir,
     load_latest,
     read_complete,
@@ -29,23 +43,10 @@ from dograph.checkpoint import (
     set_aside_newer,
     set_rng_state,
 )
-from dograph.config import TrainerConfig
-from dograph.data.builder import RunData
-from dograph.distributed import DistContext, all_gather_objects, from_main
-from dograph.errors import ConfigError
-from dograph.evaluation import evaluate
-from dograph.metrics import MetricAccumulator, MetricsWriter
-from dograph.mixing import Mixer
-from dograph.optim import build_optimizer, learning_rate, set_learning_rate
-from dograph.parallel import (
-    checkpoint_blocks,
-    full_model_state_dict,
-    load_sharded_state,
-    save_sharded_state,
-    shard_model,
-)
-from dograph.signals import StepContext, build_step_runner
-from dograph.weight_stats import WeightSummary, global_window, step_weight_stats
+from dograph.train.metrics import MetricAccumulator, MetricsWriter
+from dograph.train.optim import build_optimizer, learning_rate, set_learning_rate
+from dograph.train.validation import evaluate
+from dograph.train.weight_stats import WeightSummary, global_window, step_weight_stats
 
 log = logging.getLogger(__name__)
 WEIGHT_STATS = "_weight_stats"  # accumulator key of the per-step weight statistics (reduced at log time)

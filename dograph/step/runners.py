@@ -1,6 +1,7 @@
 """How one optimizer step turns micro-batches into gradients, given what the mixer needs.
 
-The trainer picks one runner from the mixer's declared needs (never its name):
+The trainer picks one runner from the mixer's declared needs (never its name;
+:func:`dograph.step.build.build_step_runner`):
 
 * :class:`PlainStep`: the mixer never reweights (uniform, static mixtures). Each
   micro-batch is forward/backward'ed at once with weight 1/B, under DDP when distributed.
@@ -9,7 +10,7 @@ The trainer picks one runner from the mixer's declared needs (never its name):
   micro-batches are forwarded first (their graphs kept), the mixer weighs the whole step,
   then each weighted loss is backpropagated. Gradients are summed over ranks explicitly
   (under FSDP2, by FSDP's reduce-scatter: :func:`backward_weighted`).
-* :class:`dograph.projected_step.ProjectedStep`: the mixer reads gradient signals, projected
+* :class:`dograph.step.projected.ProjectedStep`: the mixer reads gradient signals, projected
   per-sample gradients (``GRAD_PROJ``) or the Gram of the per-domain gradients
   (``DOMAIN_GRAM``); one capturing backward, then the weighted update from what it kept.
 
@@ -180,11 +181,3 @@ def backward_weighted(ctx: StepContext, losses: list[Tensor], weights: list[Tens
     if last and not ctx.sharded:
         all_reduce_gradients(ctx.dist, list(ctx.model.parameters()))
 
-
-def build_step_runner(ctx: StepContext, weighted_update: str = "fast") -> StepRunner:
-    """The cheapest runner that gives the mixer what it declared it needs."""
-    if Signal.GRAD_PROJ in ctx.mixer.requires or Signal.DOMAIN_GRAM in ctx.mixer.requires:
-        from dograph.projected_step import ProjectedStep
-
-        return ProjectedStep(ctx, two_pass=weighted_update == "two_pass")
-    return ReweightStep(ctx) if ctx.mixer.reweights else PlainStep(ctx)

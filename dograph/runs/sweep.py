@@ -2,7 +2,7 @@
 
 RegMix and Data Mixing Laws choose a mixture from many proxy runs. A method declares its
 sweep (``Mixer.plan_sweep``: the mixtures, the proxies' stage settings, a minimum number of
-successes); each proxy is an ordinary pipeline stage (``dograph.pipeline``) whose mixer
+successes); each proxy is an ordinary pipeline stage (``dograph.runs.pipeline``) whose mixer
 samples that mixture, in ``${paths.output_root}/stages/<method>/<name>-<key>/``, so
 
 * a finished proxy is never retrained (its key covers its mixture and settings, so two
@@ -12,7 +12,7 @@ samples that mixture, in ``${paths.output_root}/stages/<method>/<name>-<key>/``,
   ``mixtures.csv``) and left out; the sweep refuses to continue with fewer successes than
   its minimum;
 * a proxy paused by ``stop_after_steps`` is not a failure: it stops the sweep with one line
-  (:class:`~dograph.pipeline.StageIncomplete`; ``paused.json`` tells a launcher's jobs apart)
+  (:class:`~dograph.runs.pipeline.StageIncomplete`; ``paused.json`` tells a launcher's jobs apart)
   and the same command resumes it;
 * main runs that share a sweep (seeds under a parallel launcher) serialise on the sweep
   directory's lock (``<sweep dir>/.lock``) while they train what it lacks and write its files,
@@ -22,7 +22,7 @@ The launcher is the user's (``mixer.launcher``): ``basic`` (default) trains the 
 proxies one after another in this process, as Hydra's basic launcher would; any other
 Hydra launcher (``joblib`` for local parallelism, ``submitit_slurm`` or the example
 ``conf/hydra/launcher/slurm.yaml`` for a cluster) runs them as a Hydra multirun of
-``python -m dograph.sweep_job`` with ``mixer.launcher_overrides`` (e.g.
+``python -m dograph.runs.sweep_job`` with ``mixer.launcher_overrides`` (e.g.
 ``[hydra.launcher.n_jobs=2]``). Results are always read from the proxies' own files
 (``stage.json``: the final validation of every domain), never from W&B, into
 ``<sweep dir>/mixtures.csv``.
@@ -51,7 +51,7 @@ import numpy as np
 from dograph.config import RunConfig
 from dograph.distributed import DistContext, barrier, from_main
 from dograph.errors import ConfigError, DataError
-from dograph.pipeline import (
+from dograph.runs.pipeline import (
     StageEnvironment,
     StageIncomplete,
     StageResult,
@@ -202,7 +202,7 @@ def train_proxy(main: RunConfig, method: str, spec: SweepSpec, index: int, dist:
 
 def _launch_multirun(main: RunConfig, method: str, spec: SweepSpec, missing: list[int], directory: Path,
                      env: StageEnvironment) -> None:
-    """Train ``missing`` proxies as a Hydra multirun of ``dograph.sweep_job`` (under the sweep's lock).
+    """Train ``missing`` proxies as a Hydra multirun of ``dograph.runs.sweep_job`` (under the sweep's lock).
 
     The jobs get this run's stage environment (``sweep.json``), so they compute the keys it computed
     and train on the device type it resolved.
@@ -210,7 +210,7 @@ def _launch_multirun(main: RunConfig, method: str, spec: SweepSpec, missing: lis
     job_file = directory / "sweep.json"
     write_text_atomically(job_file, json.dumps({"main": asdict(main), "method": method, "spec": asdict(spec),
                                                 "environment": env.to_dict()}, default=str))
-    command = [sys.executable, "-m", "dograph.sweep_job", "--multirun", f"job.file={job_file}",
+    command = [sys.executable, "-m", "dograph.runs.sweep_job", "--multirun", f"job.file={job_file}",
                f"job.index={','.join(str(i) for i in missing)}", f"hydra/launcher={spec.launcher}",
                f"hydra.sweep.dir={directory / 'multirun'}", *spec.launcher_overrides]
     log.info("%s: %d proxies through Hydra's %s launcher: %s", method, len(missing), spec.launcher, " ".join(command))

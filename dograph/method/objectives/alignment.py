@@ -10,7 +10,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from dograph.objectives.base import (
+from dograph.method.objectives.base import (
     Objective,
     ObjectiveInputs,
     Stats,

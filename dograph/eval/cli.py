@@ -1,9 +1,9 @@
-"""Evaluate a finished run's ``hf/`` export with lm-eval: ``python -m dograph.evaluate RUN_DIR [key=value ...]``.
+"""Evaluate a finished run's ``hf/`` export with lm-eval: ``python -m dograph.eval RUN_DIR [key=value ...]``.
 
 The run's own config (``RUN_DIR/.hydra/config.yaml``, else ``run_info.json``) gives the data
 (for the local tasks) and the context length; overrides change ``eval.*`` (and
 ``paths.*``) only, e.g. ``eval.tasks=[piqa,sciq] eval.limit=20`` or ``eval=local``.
-Results go where the end-of-training evaluation writes them (``dograph.downstream``).
+Results go where the end-of-training evaluation writes them (``dograph.eval.downstream``).
 Errors a user can fix print one line ``error: ...`` and exit with status 2.
 """
 
@@ -136,7 +136,7 @@ def load_export(run_dir: Path, device: str) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dograph.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dograph.eval", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (holds hf/ and .hydra/config.yaml)")
     parser.add_argument("overrides", nargs="*", help="eval=NAME, eval.KEY=VALUE or paths.KEY=VALUE")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from dograph.downstream import evaluate, print_result
+    from dograph.eval.downstream import evaluate, print_result
 
     started = time.time()
     try:

@@ -60,7 +60,7 @@ T = TypeVar("T")
 # (CONTRIBUTING.md; docs/design.md section 3.1). History: 1 = the first versioned key.
 STAGE_FORMAT_VERSION = 1
 MARKER = "stage.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_TOKENIZER = re.compile(r"^(gpt2|bpe\d+k)$")
 # files of a tokenizer directory that no tokenizer reads (a model directory's weights): not hashed
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -149,7 +149,7 @@ def stage_config(main: RunConfig, method: str, spec: StageSpec) -> RunConfig:
 
 
 def resolved_precision(precision: str, device_type: str) -> str:
-    """``auto`` is bf16 autocast on CUDA and fp32 elsewhere: the rule of ``Trainer`` (dograph/trainer.py)."""
+    """``auto`` is bf16 autocast on CUDA and fp32 elsewhere: the rule of ``Trainer`` (dograph/train/trainer.py)."""
     if precision == "auto":
         return "bf16" if device_type == "cuda" else "fp32"
     return precision

@@ -1,6 +1,6 @@
-"""One proxy of a sweep as a Hydra job: ``python -m dograph.sweep_job --multirun job.file=F job.index=0,1,...``.
+"""One proxy of a sweep as a Hydra job: ``python -m dograph.runs.sweep_job --multirun job.file=F job.index=0,1,...``.
 
-``dograph.sweep`` launches it when ``mixer.launcher`` is not ``basic``, so Hydra's launcher
+``dograph.runs.sweep`` launches it when ``mixer.launcher`` is not ``basic``, so Hydra's launcher
 plugins (joblib, submitit) run the proxies; each job reads the sweep's description
 (``sweep.json``: the main run's config, the method, the sweep, the stage environment) and
 trains proxy ``job.index`` exactly as the in-process path does (a pipeline stage: reused when
@@ -22,13 +22,13 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="../conf", config_name="sweep_job", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="sweep_job", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dograph.app import _train, configure_runtime
     from dograph.config import run_config_from_dict
     from dograph.distributed import DistContext, resolve_device
-    from dograph.pipeline import StageEnvironment, StageIncomplete
-    from dograph.sweep import SweepSpec, train_proxy
+    from dograph.runs.app import configure_runtime, train_run
+    from dograph.runs.pipeline import StageEnvironment, StageIncomplete
+    from dograph.runs.sweep import SweepSpec, train_proxy
 
     configure_runtime()
     job = json.loads(Path(cfg.job.file).read_text())
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     dist = DistContext(device=resolve_device(env.device_type))
     try:
         outcome = train_proxy(run_config_from_dict(job["main"]), job["method"], spec, int(cfg.job.index), dist,
-                              _train, env)
+                              train_run, env)
     except StageIncomplete as exc:  # paused.json is written: the launching run stops the sweep
         log.info("proxy %s paused: %s", cfg.job.index, exc)
         return

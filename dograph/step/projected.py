@@ -40,14 +40,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dograph.capture import GradientCapture
 from dograph.data.sampler import Batch
 from dograph.distributed import all_reduce_gradients, all_reduce_sum
 from dograph.errors import ConfigError
 from dograph.mixing import Signal
 from dograph.parallel import ShardedGradientReducer
-from dograph.signals import StepContext, StepResult, StepRunner, backward_weighted, resolve_weights, step_signals
-from dograph.timing import StepTimer
+from dograph.step.capture import GradientCapture
+from dograph.step.runners import StepContext, StepResult, StepRunner, backward_weighted, resolve_weights, step_signals
+from dograph.step.timing import StepTimer
 
 
 def sort_by_domain(micro_batches: list[Batch]) -> tuple[list[Batch], Tensor]:

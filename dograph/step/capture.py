@@ -46,8 +46,8 @@ from transformers.pytorch_utils import Conv1D
 from dograph.distributed import DistContext, all_reduce_sum
 from dograph.errors import ConfigError
 from dograph.parallel import ShardedGradientReducer, is_recomputing, unsharded
-from dograph.projection import BoundProjection, LayerProjection, is_linear
-from dograph.timing import StepTimer
+from dograph.step.projection import BoundProjection, LayerProjection, is_linear
+from dograph.step.timing import StepTimer
 
 GRAM_CHUNK = 1 << 20  # weighted_gram: columns per all-reduce bucket
 GRAM_BLOCK = 4096  # columns per float32 partial inner product (summed in float64: error ~1e-8 relative)

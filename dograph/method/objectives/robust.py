@@ -9,7 +9,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from dograph.objectives.base import Objective, ObjectiveInputs, Stats, as_float
+from dograph.method.objectives.base import Objective, ObjectiveInputs, Stats, as_float
 
 
 class RobustObjective(Objective):

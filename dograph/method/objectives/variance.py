@@ -12,7 +12,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from dograph.objectives.base import Objective, ObjectiveInputs, Stats, normalise_by_active_mean
+from dograph.method.objectives.base import Objective, ObjectiveInputs, Stats, normalise_by_active_mean
 
 
 class VarianceObjective(Objective):

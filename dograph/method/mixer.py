@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dograph.buffer import ProjectionBuffer
-from dograph.clustering import ClusterRefresh, KMeansClusterer
 from dograph.distributed import DistContext, all_gather_cat, broadcast
 from dograph.errors import ConfigError
-from dograph.graph import ClusterStatistics, cluster_domain_agreement, cosine_adjacency
+from dograph.method.buffer import ProjectionBuffer
+from dograph.method.clustering import ClusterRefresh, KMeansClusterer
+from dograph.method.graph import ClusterStatistics, cluster_domain_agreement, cosine_adjacency
+from dograph.method.objectives import Objective, ObjectiveInputs
 from dograph.mixer_history import MixerHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
-from dograph.objectives import Objective, ObjectiveInputs
-from dograph.projection import KroneckerProjector
 from dograph.reporting import markdown_table
-from dograph.timing import StepTimer
+from dograph.step.projection import KroneckerProjector
+from dograph.step.timing import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class DoGraphMixer(Mixer):
     every further multiple) and the final summary says so (our choice of default: 10).
     """
 
+    name = "dograph"  # the registered method name (dograph.mixing.MIXERS)
     requires = frozenset({Signal.GRAD_PROJ, Signal.DOMAIN})
 
     def __init__(self, *, num_clusters: int, objective: Callable[..., Objective], projection: KroneckerProjector,

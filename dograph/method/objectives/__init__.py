@@ -1,17 +1,17 @@
 """DoGraph's cluster-weight objectives (docs/design.md section 2.4): ``uncertainty`` (default), ``variance``,
 ``robust`` and ``alignment``, each with the shared floor, graph and proximal terms."""
 
-from dograph.objectives.alignment import AlignmentObjective, alignment_fixed_point
-from dograph.objectives.base import (
+from dograph.method.objectives.alignment import AlignmentObjective, alignment_fixed_point
+from dograph.method.objectives.base import (
     Objective,
     ObjectiveInputs,
     ObjectiveResult,
     SolverFailure,
     project_to_feasible,
 )
-from dograph.objectives.robust import RobustObjective
-from dograph.objectives.uncertainty import UncertaintyObjective
-from dograph.objectives.variance import VarianceObjective
+from dograph.method.objectives.robust import RobustObjective
+from dograph.method.objectives.uncertainty import UncertaintyObjective
+from dograph.method.objectives.variance import VarianceObjective
 
 __all__ = [
     "AlignmentObjective",
