@@ -193,15 +193,130 @@ def test_saving_after_a_fallback_drops_the_abandoned_newer_checkpoints(tmp_path:
                                                           "step_00000003.pt"]
 
 
+# ---- the checkpointer: named Stateful parts (torch.distributed.checkpoint.stateful) ------------------
+
+
+class Tally:
+    """A part this test defines, Stateful by its two methods alone: a count and a tensor."""
+
+    def __init__(self) -> None:
+        self.count, self.seen = 0, torch.zeros(2)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "seen": self.seen.clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.count, self.seen = state_dict["count"], state_dict["seen"].clone()
+
+
+class CountingPacker:
+    """Windows of one domain numbered 1, 2, ...: its position is its whole state."""
+
+    def __init__(self, domain: int) -> None:
+        self.domain, self.position = domain, 0
+
+    def next_window(self) -> np.ndarray:
+        self.position += 1
+        return np.full(5, 100 * self.domain + self.position)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def run_parts() -> dict:
+    """A fresh set of what a trainer hands its checkpointer (the same seeds every time)."""
+    from dograph.data.sampler import MixtureSampler
+    from dograph.train.checkpointer import RNGState
+    from dograph.train.metrics import MetricAccumulator
+    from dograph.train.trainer import TrainState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    sampler = MixtureSampler([CountingPacker(d) for d in range(3)], [0.5, 0.3, 0.2], seed=3)
+    return {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=0.1),
+            "shared": {"trainer": TrainState(), "tally": Tally()},
+            "per_rank": {"data": sampler, "rng": RNGState(), "metrics": MetricAccumulator()}}
+
+
+def checkpointer(run_dir: Path, parts: dict):
+    from dograph.distributed import DistContext
+    from dograph.train.checkpointer import Checkpointer
+
+    return Checkpointer(run_dir, DistContext(), sharded=False, **parts)
+
+
+def test_the_checkpointer_saves_and_restores_named_stateful_parts(tmp_path: Path) -> None:
+    """Every named part, the test's own included, comes back; what follows the save follows the restore."""
+    parts = run_parts()
+    parts["model"](torch.ones(1, 3)).sum().backward()
+    parts["optimizer"].step()
+    state, tally = parts["shared"]["trainer"], parts["shared"]["tally"]
+    state.step, state.tokens_seen = 4, 64
+    state.weight_summary.add(torch.tensor([0.5]), torch.tensor([[0.2, 0.8]]), torch.tensor([[0.5, 0.5]]))
+    tally.count, tally.seen = 3, torch.tensor([1.0, 2.0])
+    parts["per_rank"]["data"].next_batch(4)
+    parts["per_rank"]["metrics"].add({"train/loss": torch.tensor(2.5)})
+    path = checkpointer(tmp_path, parts).save(4)
+    after = parts["per_rank"]["data"].next_batch(4), torch.rand(3)  # what follows the save
+
+    raw = load_checkpoint(path)  # the format as before: shared parts by name, per-rank parts under "ranks"
+    assert path == tmp_path / "checkpoints" / "step_00000004.pt" and (tmp_path / "checkpoints" / "latest").exists()
+    assert set(raw) == {"trainer", "tally", "model", "optimizer", "ranks", "parallelism"}
+    assert raw["trainer"]["step"] == 4 and raw["trainer"]["weight_summary"]["steps"] == 1
+    assert raw["tally"]["count"] == 3 and set(raw["ranks"][0]) == {"data", "rng", "metrics"}
+
+    fresh = run_parts()
+    restored = fresh["shared"]["trainer"]
+    assert restored != state and fresh["shared"]["tally"].count == 0
+    assert checkpointer(tmp_path, fresh).restore() == path
+    assert restored == state and fresh["shared"]["trainer"] is restored  # in place: the trainer holds it
+    assert fresh["shared"]["tally"].count == 3 and torch.equal(fresh["shared"]["tally"].seen, tally.seen)
+    assert torch.equal(fresh["model"].weight, parts["model"].weight)
+    assert same(fresh["optimizer"].state_dict(), parts["optimizer"].state_dict())
+    batch, draw = fresh["per_rank"]["data"].next_batch(4), torch.rand(3)
+    assert torch.equal(batch.input_ids, after[0].input_ids) and torch.equal(batch.domain, after[0].domain)
+    assert torch.equal(draw, after[1])  # the global RNG
+    assert fresh["per_rank"]["metrics"].flush() == {"train/loss": 2.5}  # the pending window
+
+
+def test_the_checkpointer_finds_nothing_and_refuses_a_part_that_is_not_stateful(tmp_path: Path) -> None:
+    parts = run_parts()
+    assert checkpointer(tmp_path, parts).restore() is None
+    parts["per_rank"]["data"] = object()
+    with pytest.raises(TypeError, match=r"part 'data' \(object\) is not Stateful"):
+        checkpointer(tmp_path, parts).save(1)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mixer_sampler_and_train_state_are_stateful() -> None:
+    from helpers import FakeMixer
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    from dograph.data.sampler import MixtureSampler
+    from dograph.mixing import MIXERS, Mixer
+    from dograph.train.checkpointer import RNGState
+    from dograph.train.metrics import MetricAccumulator
+    from dograph.train.trainer import TrainState
+
+    parts = [FakeMixer([1.0]), MixtureSampler([CountingPacker(0)], [1.0], seed=0), TrainState(), RNGState(),
+             MetricAccumulator()]
+    assert all(isinstance(part, Stateful) for part in parts)
+    assert issubclass(Mixer, Stateful) and all(issubclass(cls, Stateful) for cls in MIXERS.values())
+    assert not isinstance(object(), Stateful) and not isinstance(Path("x"), Stateful)
+
+
 # ---- item 7: one save when the checkpoint cadence and the stop coincide ---------------------------
 
 
 def test_a_stop_on_a_checkpoint_step_saves_once(make_config, tmp_path: Path, monkeypatch) -> None:
-    import dograph.train.trainer
+    import dograph.train.checkpointer
 
     saved: list[int] = []
-    real = dograph.train.trainer.save_checkpoint
-    monkeypatch.setattr(dograph.train.trainer, "save_checkpoint",
+    real = dograph.train.checkpointer.save_checkpoint
+    monkeypatch.setattr(dograph.train.checkpointer, "save_checkpoint",
                         lambda directory, step, *a, **k: (saved.append(step), real(directory, step, *a, **k))[1])
     result = run_training(make_config("mixer=uniform", "trainer.max_steps=6", "trainer.ckpt_every=2",
                                       "trainer.stop_after_steps=4"), tmp_path)

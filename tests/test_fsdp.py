@@ -426,6 +426,9 @@ class _FakeSampler:
     def state_dict(self) -> dict:
         return {"position": 3}
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -461,16 +464,16 @@ def test_fsdp_double_save_keeps_latest_valid_at_every_moment(tmp_path: Path, mon
             trainer.state.step = step
             trainer.save()
         problems: list[str] = []
-        checks = _watch_latest(trainer.ckpt_dir, monkeypatch, problems)
+        checks = _watch_latest(trainer.checkpointer.directory, monkeypatch, problems)
         trainer.save()
         monkeypatch.undo()
         full = {name: p.full_tensor() for name, p in model.named_parameters()}
     finally:
         torch_dist.destroy_process_group()
     assert checks[0] >= 5 and problems == [], problems
-    path, state = load_latest(trainer.ckpt_dir)
+    path, state = load_latest(trainer.checkpointer.directory)
     assert path.name == "step_00000002.pt" and state["parallelism"] == "fsdp"
-    shards = sorted(p.name for p in trainer.ckpt_dir.glob("*.shards"))
+    shards = sorted(p.name for p in trainer.checkpointer.directory.glob("*.shards"))
     assert len(shards) == 2 and shards[0] == "step_00000001.shards" and shards[1] == state["shards"]  # old ones gone
     weights = model_weights(path)  # what Figure 1 reads: the whole model, in this process, without a group
     ddp_model().load_state_dict(weights)  # every key, whole shapes
@@ -485,7 +488,7 @@ def test_fsdp_benchmark_runs_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "fsdp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(REPO / "benchmarks" / "fsdp_step.py"), "--device", "cpu", "--quick",
+           f"--master_port={free_port()}", "-m", "benchmarks.fsdp_step", "--device", "cpu", "--quick",
            "--batch", "8", "--seq", "32", "--micro-batch", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -85,16 +85,21 @@ class MixtureSampler:
         return Batch(tokens[:, :-1], tokens[:, 1:], domains)
 
     def state_dict(self) -> dict[str, Any]:
-        """Generator, mixture and packer positions of what was consumed (never of windows prepared ahead)."""
+        """Generator, mixture and packer positions of what was consumed (never of windows prepared ahead).
+
+        With :meth:`load_state_dict`, the ``Stateful`` protocol of ``torch.distributed.checkpoint``:
+        this rank's data position in the checkpoint (``dograph.train.checkpointer``, saved per rank).
+        """
         packers = (self.prefetcher.state_dicts() if self.prefetcher is not None
                    else [p.state_dict() for p in self.packers])
         return {"generator": self.generator.get_state(), "mixture": self.mixture.clone(), "packers": packers}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.mixture = state["mixture"].clone()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` saved (windows prepared ahead are dropped)."""
+        self.generator.set_state(state_dict["generator"])
+        self.mixture = state_dict["mixture"].clone()
         if self.prefetcher is not None:
-            self.prefetcher.load_state_dicts(state["packers"])
+            self.prefetcher.load_state_dicts(state_dict["packers"])
             return
-        for packer, packer_state in zip(self.packers, state["packers"], strict=True):
+        for packer, packer_state in zip(self.packers, state_dict["packers"], strict=True):
             packer.load_state_dict(packer_state)

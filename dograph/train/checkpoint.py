@@ -1,8 +1,9 @@
 """Atomic, safe-to-load checkpoints: write a temp file, fsync, rename; the previous one stays until then.
 
 A checkpoint is one ``torch.save`` dict of every stateful part of a run (model, optimizer,
-step, mixer, data position of every rank, RNG states of every rank); ``latest`` names the
-newest complete one. A crash while writing leaves only a ``.tmp`` file, never a torn
+step, mixer, data position of every rank, RNG states of every rank), gathered by name by
+:class:`dograph.train.checkpointer.Checkpointer`; this module is the file format. ``latest``
+names the newest complete one. A crash while writing leaves only a ``.tmp`` file, never a torn
 checkpoint, and nothing ``latest`` names (directly, or the shards its ``.pt`` names) is
 removed before its replacement is complete.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import warnings
@@ -318,22 +318,3 @@ def _gather_shards(shards: Path) -> dict[str, torch.Tensor]:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
-
-
-# ---- RNG ----------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random generator a step may touch (Python, NumPy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -36,12 +36,14 @@ def to_python(value: Any) -> Any:
 class MetricAccumulator:
     """Collects per-step metrics; ``flush`` averages scalars and keeps the last of vectors.
 
-    The pending window is part of a checkpoint (``state_dict``), so the first record after
-    a resume averages the same steps as an uninterrupted run's.
+    The pending window is part of a checkpoint (``state_dict``, ``Stateful`` of
+    ``torch.distributed.checkpoint``), so the first record after a resume averages the same
+    steps as an uninterrupted run's. Restored tensors go back to ``device`` (that of the steps).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self._values: dict[str, list[Any]] = {}
+        self.device = device
 
     def add(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():
@@ -55,9 +57,10 @@ class MetricAccumulator:
         """The pending window on the host; lazy timers are read (a CUDA timer waits for its events)."""
         return {key: [_portable(v) for v in values] for key, values in self._values.items()}
 
-    def load_state_dict(self, state: dict[str, list[Any]], device: torch.device | None = None) -> None:
+    def load_state_dict(self, state_dict: dict[str, list[Any]]) -> None:
+        device = self.device
         self._values = {key: [v.to(device) if isinstance(v, Tensor) and device is not None else v for v in values]
-                        for key, values in state.items()}
+                        for key, values in state_dict.items()}
 
     def flush(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

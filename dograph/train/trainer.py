@@ -2,7 +2,8 @@
 
 The trainer names no mixer; it only asks the mixer for a sampling mixture after each step
 and hands it to the step runner (``dograph.step.runners``). Everything stateful goes through
-one checkpoint, so ``resume=true`` continues exactly as if the run had never stopped.
+one checkpointer by name (``dograph.train.checkpointer``), so ``resume=true`` continues exactly as if the
+run had never stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +23,13 @@ from tqdm import tqdm
 
 from dograph.config import TrainerConfig
 from dograph.data.builder import RunData
-from dograph.distributed import DistContext, all_gather_objects, from_main
+from dograph.distributed import DistContext
 from dograph.errors import ConfigError
 from dograph.mixing import Mixer
-from dograph.parallel import (
-    checkpoint_blocks,
-    full_model_state_dict,
-    load_sharded_state,
-    save_sharded_state,
-    shard_model,
-)
+from dograph.parallel import checkpoint_blocks, shard_model
 from dograph.step.build import build_step_runner
 from dograph.step.runners import StepContext
-from dograph.train.checkpoint import (
-    fresh_shards_dir,
-    load_latest,
-    read_complete,
-    rng_state,
-    save_checkpoint,
-    set_aside_newer,
-    set_rng_state,
-)
+from dograph.train.checkpointer import Checkpointer, RNGState
 from dograph.train.metrics import MetricAccumulator, MetricsWriter
 from dograph.train.optim import build_optimizer, learning_rate, set_learning_rate
 from dograph.train.validation import evaluate
@@ -54,13 +41,25 @@ WEIGHT_STATS = "_weight_stats"  # accumulator key of the per-step weight statist
 
 @dataclass
 class TrainState:
+    """The loop's own counters; ``Stateful`` (``state_dict``/``load_state_dict``) for the checkpointer."""
+
     step: int = 0
     tokens_seen: int = 0
     elapsed: float = 0.0  # training seconds over all sessions of the run: validation and checkpoints excluded
     eval_time_s: float = 0.0  # validation seconds (periodic and final evaluations)
     ckpt_time_s: float = 0.0  # checkpoint seconds (a checkpoint holds those of the saves before it)
     skipped_steps: int = 0
-    weight_summary: dict[str, Any] = field(default_factory=dict)  # WeightSummary.state_dict()
+    weight_summary: WeightSummary = field(default_factory=WeightSummary)  # saved as its state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """In place: the trainer and the checkpointer hold this one object."""
+        values = {**state_dict, "weight_summary": WeightSummary.from_state(state_dict.get("weight_summary"))}
+        restored = TrainState(**values)
+        for f in fields(self):
+            setattr(self, f.name, getattr(restored, f.name))
 
 
 @dataclass
@@ -133,13 +132,15 @@ class Trainer:
                               sharded=self.sharded)
         self.runner = build_step_runner(context, cfg.weighted_update)
         self.state = TrainState()
-        self.accumulator = MetricAccumulator()
+        self.accumulator = MetricAccumulator(dist.device)
         self.num_domains = len(data.corpus.domains)
-        self.weight_summary = WeightSummary()
+        self.checkpointer = Checkpointer(run_dir, dist, model=model, optimizer=self.optimizer, sharded=self.sharded,
+                                         keep=cfg.keep_checkpoints, shared={"trainer": self.state, "mixer": mixer},
+                                         per_rank={"data": data.sampler, "rng": RNGState(),
+                                                   "metrics": self.accumulator})
         # windows of `prefetch` steps per domain are packed ahead (domains are still drawn at step time)
         data.sampler.set_prefetch(cfg.prefetch * self.micro_batch * self.accumulation)
         self.pin = dist.device.type == "cuda"  # page-locked host batches, copied asynchronously
-        self._chosen: dict[str, dict[str, Any]] = {}  # the checkpoint rank 0 chose to resume from, as read
 
     def synchronize(self) -> None:
         """Wait for queued CUDA work, so a clock read after it counts that work (nothing on CPU)."""
@@ -151,80 +152,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
 
-    # ---- checkpoints -------------------------------------------------------------------
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
+    # ---- checkpoints (dograph.train.checkpointer) ------------------------------------------
     @timed_part("ckpt_time_s")
     def save(self) -> None:
-        self.state.weight_summary = self.weight_summary.state_dict()
-        ranks = all_gather_objects(self.dist, {"data": self.data.sampler.state_dict(), "rng": rng_state(),
-                                               "metrics": self.accumulator.state_dict()})
-        if self.sharded:  # each rank writes its own shards first (a collective); the .pt names them
-            # rank 0 names a directory no checkpoint uses yet: a second save at this step keeps the live one
-            shards = all_gather_objects(self.dist, fresh_shards_dir(self.ckpt_dir, self.state.step)
-                                        if self.dist.is_main else None)[0]
-            save_sharded_state(self.model, self.optimizer, shards, self.dist)
-            weights = {"shards": shards.name}
-        else:
-            weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.dist.is_main:
-            state = {"trainer": self.state.__dict__.copy(), **weights, "mixer": self.mixer.state_dict(),
-                     "ranks": ranks, "parallelism": self.parallelism}
-            save_checkpoint(self.ckpt_dir, self.state.step, state, keep=self.cfg.keep_checkpoints)
-            self.mixer.save_artifacts(self.run_dir / "mixer")
+        self.checkpointer.save(self.state.step)
 
-    @property
-    def parallelism(self) -> str:
-        """What this run actually does (one process under ``fsdp`` shards nothing: ``ddp``)."""
-        return "fsdp" if self.sharded else "ddp"
+    def restore(self) -> bool:
+        """Resume from the checkpoint rank 0 chooses; the records written after its step are dropped."""
+        if self.checkpointer.restore() is None:
+            return False
+        self.writer.truncate_after(self.state.step)
+        return True
 
     def full_model_state(self) -> dict[str, Any] | None:
         """The unsharded model state on rank 0 under fsdp (a collective: every rank calls it); None otherwise."""
-        return full_model_state_dict(self.model) if self.sharded else None
-
-    def restore(self) -> bool:
-        name = from_main(self.dist, self._choose_checkpoint)  # every rank resumes from the one rank 0 chose
-        if name is None:
-            return False
-        path = self.ckpt_dir / name
-        state = self._chosen.pop(name) if name in self._chosen else read_complete(path)  # rank 0 has read it
-        if len(state["ranks"]) != self.dist.world_size:
-            raise ConfigError(f"checkpoint {path} was written by {len(state['ranks'])} ranks; resume it with "
-                              f"the same number (this run has {self.dist.world_size})")
-        self.state = TrainState(**state["trainer"])
-        self.weight_summary = WeightSummary.from_state(self.state.weight_summary)
-        written = state.get("parallelism", "ddp")
-        if written != self.parallelism:
-            raise ConfigError(f"checkpoint {path} was written with trainer.parallelism={written}; resume it with "
-                              f"the same (its optimizer state is keyed differently)")
-        if self.sharded:  # load_latest checked that its shards are complete
-            load_sharded_state(self.model, self.optimizer, path.parent / state["shards"])
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.mixer.load_state_dict(state["mixer"])
-        mine = state["ranks"][self.dist.rank]
-        self.data.sampler.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"])
-        self.accumulator.load_state_dict(mine.get("metrics", {}), self.dist.device)
-        self.writer.truncate_after(self.state.step)
-        log.info("resumed from %s at step %d", path, self.state.step)
-        return True
-
-    def _choose_checkpoint(self) -> str | None:
-        """Rank 0: the checkpoint to resume from (the newest readable one if ``latest`` names a damaged one).
-
-        After such a fallback the newer, abandoned checkpoints are set aside before anything is written.
-        """
-        found = load_latest(self.ckpt_dir)
-        if found is None:
-            return None
-        path, self._chosen = found[0], {found[0].name: found[1]}
-        if moved := set_aside_newer(self.ckpt_dir, path):
-            log.warning("set aside the checkpoints after %s as *.abandoned: %s", path.name, ", ".join(moved))
-        return path.name
+        return self.checkpointer.full_model_state()
 
     # ---- the loop ----------------------------------------------------------------------
     def train_step(self) -> None:
@@ -270,7 +212,8 @@ class Trainer:
         """One record per log interval; loss and weight statistics are global (one reduction over ranks)."""
         losses, weight_stats = self.accumulator.pop("train/loss"), self.accumulator.pop(WEIGHT_STATS)
         values = self.accumulator.flush()
-        values.update(global_window(self.dist, losses, weight_stats, self.cfg.batch_size, self.weight_summary))
+        values.update(global_window(self.dist, losses, weight_stats, self.cfg.batch_size,
+                                    self.state.weight_summary))
         mixture = getattr(self.data.sampler, "mixture", None)  # the sampling mixture in effect (host)
         if mixture is not None:
             values.update({f"data/mixture/{d}": p for d, p in zip(self.data.corpus.domains, mixture.tolist(),
@@ -299,7 +242,7 @@ class Trainer:
 
     def _fit(self, resume: bool) -> TrainResult:
         if resume and not self.restore():
-            log.warning("resume=true but %s holds no checkpoint: starting from scratch", self.ckpt_dir)
+            log.warning("resume=true but %s holds no checkpoint: starting from scratch", self.checkpointer.directory)
         cfg, stop = self.cfg, self.cfg.stop_after_steps
         started, start_step, start_tokens = time.perf_counter(), self.state.step, self.state.tokens_seen
         clock = SessionClock(self.state)
@@ -328,4 +271,4 @@ class Trainer:
         final = self.run_eval()
         self.save()
         self.log_time()
-        return TrainResult(self.state, final_eval=final, weight_summary=self.weight_summary)
+        return TrainResult(self.state, final_eval=final, weight_summary=self.state.weight_summary)
