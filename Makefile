@@ -41,12 +41,12 @@ lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
 bench: $(STAMP)  ## Benchmarks: trainer vs plain loop; DoGraph step, projection, K-means and solve costs
-	$(PY) benchmarks/throughput.py
-	$(PY) benchmarks/step_time.py
+	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.step_time
 
 bench-fsdp: $(STAMP)  ## DoGraph's one-backward vs two-pass update under FSDP2, 2 gloo ranks on the CPU (NPROC=, ARGS=)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(or $(NPROC),2) \
-		benchmarks/fsdp_step.py --device cpu $(ARGS)
+		-m benchmarks.fsdp_step --device cpu $(ARGS)
 
 gpu-wheels:  ## Download the wheels an offline CUDA machine lacks into .gpu_wheels (cp312, about 26 MiB)
 	bash benchmarks/gpu.sh fetch

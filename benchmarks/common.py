@@ -9,6 +9,7 @@ every block is bracketed by ``torch.cuda.synchronize()``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -248,6 +249,18 @@ class BenchData:
     description: str
 
 
+def build_local_corpus(directory: Path, **kwargs: Any) -> Path:
+    """The tests' corpus of 3 real domains from files on this machine (``tests/helpers.build_local_corpus``).
+
+    Loaded from its file, as ``tests/`` is no package: the benchmarks measure on the data the tests train on.
+    """
+    spec = importlib.util.spec_from_file_location("benchmarks.test_helpers", REPO / "tests" / "helpers.py")
+    assert spec is not None and spec.loader is not None
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers.build_local_corpus(directory, **kwargs)
+
+
 def prepare_data(kind: str, tokenizer: str, seq_len: int, seed: int, workdir: Path,
                  cache_dir: str | None) -> BenchData:
     """``local``: tests/helpers.build_local_corpus (3 real domains from files on this machine) in
@@ -257,9 +270,6 @@ def prepare_data(kind: str, tokenizer: str, seq_len: int, seed: int, workdir: Pa
         vocab = tokenizer_vocab_size(tokenizer)
         return BenchData(kind, vocab, 0, None, f"random token ids (vocabulary {vocab})")
     if kind == "local":
-        sys.path.insert(0, str(REPO / "tests"))
-        from helpers import build_local_corpus
-
         corpus_dir = build_local_corpus(workdir / "corpus")
         data_cfg = DataConfig(source="jsonl", path=str(corpus_dir), val_fraction=0.1, val_sequences_per_domain=4)
         cache = Path(cache_dir) if cache_dir else workdir / "cache"

@@ -9,8 +9,8 @@ difference of every compared step is within ``--tol`` and both runs weighed the 
 steps, at least one), and so are the mixer's cluster weights and assignments (reported only: a
 cluster assignment can flip on a near-tie between devices).
 
-    python benchmarks/consistency.py --device cuda          # gpt2_tiny, batch 8 x 64, 8 steps
-    python benchmarks/consistency.py --device cpu --steps 4  # CPU vs CPU: identical, checks the plumbing
+    python -m benchmarks.consistency --device cuda          # gpt2_tiny, batch 8 x 64, 8 steps
+    python -m benchmarks.consistency --device cpu --steps 4  # CPU vs CPU: identical, checks the plumbing
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import (
+
+from benchmarks.common import (
     FixedSampler,
     add_shared_arguments,
     load_model_config,
@@ -36,7 +37,7 @@ from common import (
     resolve_device,
     write_json,
 )
-from step_time import OBJECTIVES, build_mixer
+from benchmarks.step_time import OBJECTIVES, build_mixer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,8 +22,8 @@ Two measurements per source and prefetch setting, on the same windows (the sampl
 The H100 figure is COMPUTED, not measured: GPT-2 Medium (294.5M parameters) in bf16 on one H100
 takes an estimated ``6 * N * tokens / (989e12 * MFU 0.4)`` seconds for 48 x 512 = 24,576 tokens.
 
-    python benchmarks/data_pipeline.py                  # all three sources (a few minutes on 2 cores)
-    python benchmarks/data_pipeline.py --sources embedded-bpe8k --steps 10
+    python -m benchmarks.data_pipeline                  # all three sources (a few minutes on 2 cores)
+    python -m benchmarks.data_pipeline --sources embedded-bpe8k --steps 10
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import CONF, REPO, load_yaml, markdown_table, print_load_at_end
-
+from benchmarks.common import CONF, REPO, build_local_corpus, load_yaml, markdown_table, print_load_at_end
 from dograph.config import DataConfig
 from dograph.data.builder import RunData, build_run_data, load_corpus
 from dograph.data.sampler import MixtureSampler
@@ -85,9 +83,6 @@ def build(source: str, seq: int, cache: Path, workdir: Path, docs_per_domain: in
         cfg = DataConfig(**{**load_yaml(CONF / "dataset" / "slimpajama_6b.yaml"), "path": str(directory)})
         tokenizer = "gpt2"
     elif source == "local-gpt2":
-        sys.path.insert(0, str(REPO / "tests"))
-        from helpers import build_local_corpus
-
         directory = build_local_corpus(workdir / "local", bytes_per_domain=2_000_000)
         cfg, tokenizer = DataConfig(source="jsonl", path=str(directory), val_fraction=0.05), "gpt2"
     else:

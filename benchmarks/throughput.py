@@ -12,9 +12,9 @@ in one run, interleaved block by block:
 
 Target: ``trainer`` tokens/s >= ``plain`` tokens/s, i.e. a ratio of about 1.0 or more within noise.
 
-    python benchmarks/throughput.py              # CPU: gpt2_tiny, batch 16 x 128 (about 1 minute)
-    python benchmarks/throughput.py --quick      # about 30 s
-    python benchmarks/throughput.py --device cuda  # GPU: gpt2_small, batch 48 x 512, bf16 autocast
+    python -m benchmarks.throughput              # CPU: gpt2_tiny, batch 16 x 128 (about 1 minute)
+    python -m benchmarks.throughput --quick      # about 30 s
+    python -m benchmarks.throughput --device cuda  # GPU: gpt2_small, batch 48 x 512, bf16 autocast
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import (
+
+from baselines.uniform import UniformMixer
+from benchmarks.common import (
     BenchData,
     FixedSampler,
     Timing,
@@ -49,8 +51,6 @@ from common import (
     time_interleaved,
     write_json,
 )
-
-from baselines.uniform import UniformMixer
 from dograph.data.sampler import Batch
 from dograph.models import count_parameters
 from dograph.train.trainer import Trainer

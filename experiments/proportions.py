@@ -1,7 +1,7 @@
 """Domain proportions measured from a corpus: bytes (UTF-8), documents and tokens per domain (Tables 6-7).
 
 Counted over every training document of each domain with the tokenizer the runs use; the result
-is cached next to the tables (``<table>_counts.json``) because a paper-scale corpus takes long.
+is cached next to the tables (``counts_<dataset>_<tokenizer>.json``) because a paper-scale corpus takes long.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from tqdm import tqdm
 from dograph.config import DataConfig, load_group_option
 from dograph.data.builder import corpus_tokenizer
 from dograph.data.corpus import build_corpus
-from experiments.render import Table
+from dograph.errors import DographError
+from experiments.render import NOT_AVAILABLE, Table
+from experiments.scale import Scale
 
 BATCH = 256
 
@@ -73,3 +75,16 @@ def cached_counts(path: Path, dataset: str, tokenizer_name: str, cache_dir: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "counts": counts}, indent=2))
     return counts
+
+
+def write_proportions(name: str, title: str, dataset: str, tokenizer: str, scale: Scale, out_dir: Path) -> list[Path]:
+    """The table of ``dataset``'s domains, or a "not available" table saying why (e.g. no network)."""
+    title = f"{title} - scale {scale.name}: dataset={dataset}, tokens by the {tokenizer} tokenizer"
+    try:
+        counts = cached_counts(out_dir / f"counts_{dataset}_{tokenizer}.json", dataset, tokenizer, scale.cache_dir)
+    except DographError as exc:
+        return Table(name, title, ["Domain", "Bytes", "Documents", "Tokens"], [[NOT_AVAILABLE] * 4],
+                     [f"The corpus could not be read: {exc}"]).write(out_dir)
+    return proportions_table(name, title, counts, ["Shares are of the training documents; the natural mixture is "
+                                                   "the one configured in conf/dataset (what runs sample)."]
+                             ).write(out_dir)

@@ -1,51 +1,51 @@
 """Regenerate paper artifacts at a scale: ``python -m experiments.reproduce table1 figure2 ... --scale smoke``.
 
-For the named artifacts (``paper`` = all of them) it gathers the runs they need, finds them in the
-results index of the scale's runs root, trains the missing ones (scales with ``launch: train``) or
-prints the Hydra multiruns that make them (``launch: print``), then builds every artifact from the
-runs that exist into ``results/<scale>/`` and writes the index there (``index.csv``).
+For the named artifacts of ``experiments.paper`` (``paper`` = all of them) it gathers the runs they
+need, finds them in the results index of the scale's runs root, trains the missing ones (scales
+with ``launch: train``) or prints the Hydra multiruns that make them (``launch: print``), then
+builds every artifact from the runs that exist into ``results/<scale>/`` and writes the index
+there (``index.csv``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
-from experiments.artifact import NothingToPlot
+from experiments.artifact import Artifact, NothingToPlot
 from experiments.index import build_index
+from experiments.paper import ARTIFACTS
 from experiments.runs import describe_missing, missing_runs, relative, train_missing
 from experiments.scale import SCALES, RunRequest, Scale, load_scale
 
-TABLES = [f"table{i}" for i in range(1, 11)]
-FIGURES = [f"figure{i}" for i in range(1, 6)]
-ARTIFACTS = TABLES + FIGURES
+
+def artifacts_named(names: list[str]) -> list[Artifact]:
+    """The entries of ``experiments.paper.ARTIFACTS`` for ``names`` (``paper``: all of them), in order."""
+    if "paper" in names:
+        return list(ARTIFACTS.values())
+    unknown = [n for n in names if n not in ARTIFACTS]
+    if unknown:
+        raise ValueError(f"unknown artifact {unknown[0]!r}: choose from {', '.join(ARTIFACTS)} or paper")
+    return [ARTIFACTS[n] for n in dict.fromkeys(names)]
 
 
-def artifact_module(name: str) -> ModuleType:
-    if name not in ARTIFACTS:
-        raise ValueError(f"unknown artifact {name!r}: choose from {', '.join(ARTIFACTS)} or paper")
-    return importlib.import_module(f"experiments.{name}")
-
-
-def needed_runs(modules: list[ModuleType], scale: Scale) -> list[RunRequest]:
+def needed_runs(artifacts: list[Artifact], scale: Scale) -> list[RunRequest]:
+    """Every run the artifacts read, once, in the order they first ask for it."""
     out: list[RunRequest] = []
-    for module in modules:
-        out += [r for r in module.requests(scale) if r not in out]
+    for artifact in artifacts:
+        out += [r for r in artifact.requests(scale) if r not in out]
     return out
 
 
-def reproduce(names: list[str], scale: Scale, *, train: bool | None = None) -> dict[str, list[Path]]:
-    """Build ``names`` at ``scale``; returns the files written per artifact (an empty list: not built)."""
+def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = None) -> dict[str, list[Path]]:
+    """Build ``artifacts`` at ``scale``; returns the files written per artifact name (an empty list: not built)."""
     started = time.time()
-    modules = [artifact_module(n) for n in names]
-    requests = needed_runs(modules, scale)
+    requests = needed_runs(artifacts, scale)
     missing = missing_runs(build_index([scale.runs_root]), requests)
-    print(f"scale {scale.name}: {len(names)} artifacts need {len(requests)} runs; {len(missing)} missing "
+    print(f"scale {scale.name}: {len(artifacts)} artifacts need {len(requests)} runs; {len(missing)} missing "
           f"(runs root {relative(scale.runs_root)})", flush=True)
     if missing and (scale.launch == "train" if train is None else train):
         failed = train_missing(missing, scale)
@@ -61,10 +61,11 @@ def reproduce(names: list[str], scale: Scale, *, train: bool | None = None) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     index.to_csv(out_dir / "index.csv", index=False)
     written: dict[str, list[Path]] = {}
-    for name, module in zip(names, modules, strict=True):
-        lacking = missing_runs(index, module.requests(scale))
+    for artifact in artifacts:
+        name = artifact.name
+        lacking = missing_runs(index, artifact.requests(scale))
         try:
-            written[name] = module.build(index, scale, out_dir)
+            written[name] = artifact.build(index, scale, out_dir)
         except NothingToPlot as exc:
             written[name] = []
             print(f"{name}: not built ({exc})")
@@ -88,15 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-train", dest="train", action="store_false", help="only print the missing runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    names = ARTIFACTS if "paper" in args.artifacts else list(dict.fromkeys(args.artifacts))
     try:
-        for name in names:
-            artifact_module(name)
+        artifacts = artifacts_named(args.artifacts)
         scale = load_scale(args.scale, runs_root=args.runs_root, results_dir=args.results_dir)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    reproduce(names, scale, train=args.train)
+    reproduce(artifacts, scale, train=args.train)
     return 0
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import CI_NOTE, Column, estimate, metric, missing_note, ppl_of, scale_title
 from experiments.render import NOT_AVAILABLE, Table
 from experiments.scale import RunRequest, Scale, make_request, rows_for
+from experiments.tables import CI_NOTE, Column, estimate, metric, missing_note, ppl_of, scale_title
 
 NAME = "table10"
 TITLE = "Table 10: DoGraph's objectives: solve time per step and validation loss"

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import REPO
 
 from dograph.config import DataConfig
-from experiments import table1, table2, table3, table4, table5, table9, table10
 from experiments.index import build_index, find_run_dirs
+from experiments.paper import ARTIFACTS
 from experiments.proportions import count_domains, proportions_table
 from experiments.runs import missing_runs, multirun_commands, run_command
 from experiments.scale import RunRequest, Scale, find_run, load_scale, make_request, request_overrides, rows_for
@@ -127,14 +128,13 @@ def synthetic_index(tmp_path: Path) -> tuple[pd.DataFrame, Scale]:
     return synthetic_runs(tmp_path, scale), scale
 
 
-@pytest.mark.parametrize("module", [table1, table2, table3, table4, table5, table10, table9],
-                         ids=lambda m: m.NAME)
-def test_table_builders_match_their_golden_markdown(module, synthetic_index, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table5", "table10", "table9"])
+def test_table_builders_match_their_golden_markdown(name: str, synthetic_index, tmp_path: Path) -> None:
     index, scale = synthetic_index
-    paths = module.build(index, scale, tmp_path / "out")
+    paths = ARTIFACTS[name].build(index, scale, tmp_path / "out")
     assert {p.suffix for p in paths} == {".md", ".tex", ".csv"}
-    text = (tmp_path / "out" / f"{module.NAME}.md").read_text()
-    golden = GOLDEN / f"{module.NAME}.md"
+    text = (tmp_path / "out" / f"{name}.md").read_text()
+    golden = GOLDEN / f"{name}.md"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text()
@@ -142,14 +142,14 @@ def test_table_builders_match_their_golden_markdown(module, synthetic_index, tmp
 
 def test_a_method_without_runs_is_not_available_never_a_number(synthetic_index, tmp_path: Path) -> None:
     index, scale = synthetic_index
-    table2.build(index, scale, tmp_path / "out")
+    ARTIFACTS["table2"].build(index, scale, tmp_path / "out")
     doremi = next(line for line in (tmp_path / "out" / "table2.md").read_text().splitlines() if "DoReMi" in line)
     assert doremi.count("not available") == 5 and not any(ch.isdigit() for ch in doremi)
 
 
 def test_missing_runs_and_the_commands_that_make_them(synthetic_index) -> None:
     index, scale = synthetic_index
-    missing = missing_runs(index, table1.requests(scale))
+    missing = missing_runs(index, ARTIFACTS["table1"].requests(scale))
     assert [r.method for r in missing] == ["doremi", "doremi"]  # the crashed run does not count
     commands = multirun_commands(missing, scale)
     assert commands == [f"python run.py -m model=gpt2_tiny dataset=embedded mixer=doremi seed=0,1 "
@@ -187,15 +187,73 @@ def test_every_run_of_every_scale_composes_and_validates(scale_name: str) -> Non
     from conftest import compose_config
 
     from dograph.config import to_run_config
-    from experiments.reproduce import ARTIFACTS, artifact_module, needed_runs
+    from experiments.reproduce import needed_runs
 
     scale = load_scale(scale_name)
-    requests = needed_runs([artifact_module(a) for a in ARTIFACTS], scale)
+    requests = needed_runs(list(ARTIFACTS.values()), scale)
     variants = {(r.method, r.model, r.dataset, r.m, r.objective): r for r in requests}  # seeds compose alike
     for request in variants.values():
         overrides = [o for o in request_overrides(request, scale) if not o.startswith(("hydra.", "hydra/"))]
         cfg = to_run_config(compose_config(overrides))
         assert cfg.seed == request.seed and cfg.m == request.m
+
+
+# ---- the artifacts as data (experiments/paper.py) ----------------------------------------------------------------
+
+
+def test_the_artifact_table_names_what_make_builds_and_each_own_module() -> None:
+    """ARTIFACTS is the Makefile's list in its order; an own module exists for exactly the entries that name one."""
+    import re
+
+    from experiments.artifact import OwnModule
+
+    makefile = (REPO / "Makefile").read_text()
+    listed = re.search(r"^ARTIFACTS := (.*?)(?<!\\)\n", makefile, re.M | re.S).group(1).replace("\\\n", " ").split()
+    assert list(ARTIFACTS) == listed
+    modules = {p.stem for p in (REPO / "experiments").glob("*.py") if re.fullmatch(r"(table|figure)\d+", p.stem)}
+    assert modules == {name for name, artifact in ARTIFACTS.items() if isinstance(artifact, OwnModule)}
+    for name, artifact in ARTIFACTS.items():  # a copied entry keeps the title of the one it was copied from
+        kind, number = re.fullmatch(r"(table|figure)(\d+)", name).groups()
+        assert artifact.title.startswith(f"{kind.capitalize()} {number}: "), (name, artifact.title)
+
+
+@pytest.mark.parametrize("scale_name", ["smoke", "cpu", "paper"])
+def test_every_setting_and_corpus_the_table_names_exists_at_every_scale(scale_name: str) -> None:
+    """The artifacts without runs are checked too: a proportions table reads its corpus and its model's tokenizer."""
+    from experiments.scale import model_tokenizer
+    from experiments.tables import ProportionsTable
+
+    scale = load_scale(scale_name)
+    for artifact in ARTIFACTS.values():
+        if isinstance(artifact, ProportionsTable):
+            assert scale.corpora[artifact.name]
+            assert model_tokenizer(scale.setting(artifact.setting)["model"])
+        elif hasattr(artifact, "setting"):
+            scale.setting(artifact.setting)
+
+
+def test_reproduce_picks_artifacts_by_name_and_rejects_an_unknown_one_in_one_line(capsys) -> None:
+    from experiments.reproduce import artifacts_named, main
+
+    assert [a.name for a in artifacts_named(["table3", "figure5", "table3"])] == ["table3", "figure5"]
+    assert artifacts_named(["table3", "paper"]) == list(ARTIFACTS.values())
+    assert main(["table3", "tablex", "--scale", "smoke"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: unknown artifact 'tablex': choose from table1, table2,")
+
+
+def test_reproduce_without_training_builds_from_what_exists_and_prints_the_rest(tmp_path: Path, capsys) -> None:
+    """The no-train path of ``make table3``: no run exists, so every cell is "not available" and the runs are listed."""
+    from experiments.reproduce import main
+
+    results = tmp_path / "results"
+    assert main(["table3", "--scale", "smoke", "--no-train", "--runs-root", str(tmp_path / "runs"),
+                 "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 artifacts need 7 runs; 7 missing" in out and out.count("python run.py -m ") == 7
+    uniform = next(line for line in (results / "table3.md").read_text().splitlines() if line.startswith("| Uniform"))
+    assert uniform.count("not available") == 1 and not any(ch.isdigit() for ch in uniform)  # the loss column only
+    assert {p.name for p in results.iterdir()} == {"table3.md", "table3.tex", "table3.csv", "index.csv"}
 
 
 # ---- which run a table reads (fingerprints, completion time, eval settings) ------------------------------------
@@ -205,7 +263,7 @@ def test_a_hand_made_200_step_run_does_not_displace_the_scales_400_step_run(tmp_
     from dograph.runs.app import overrides_fingerprint
 
     scale = load_scale("cpu", runs_root=tmp_path)
-    (request,) = [r for r in table1.requests(scale) if r.method == "uniform" and r.seed == 0]
+    (request,) = [r for r in ARTIFACTS["table1"].requests(scale) if r.method == "uniform" and r.seed == 0]
     hand = ["model=gpt2_tiny", "dataset=embedded", "mixer=uniform", "seed=0", "trainer.max_steps=200",
             f"paths.output_root={tmp_path}", "tags=[methods]"]
     made = make_run(request.run_dir(scale).parent, "seed0", "uniform", scale=scale, max_steps=400,
@@ -222,6 +280,7 @@ def test_a_hand_made_200_step_run_does_not_displace_the_scales_400_step_run(tmp_
 
 def test_a_changed_common_makes_the_run_missing_and_starts_it_over(synthetic_index) -> None:
     index, scale = synthetic_index
+    table1 = ARTIFACTS["table1"]
     assert [r.method for r in missing_runs(index, table1.requests(scale))] == ["doremi", "doremi"]
     longer = replace(scale, common=["trainer.max_steps=40"])
     assert len(missing_runs(index, table1.requests(longer))) == 6  # every run of the old common is missing
@@ -252,7 +311,7 @@ def test_scores_of_mixed_eval_settings_are_never_averaged(tmp_path: Path) -> Non
     index = synthetic_runs(tmp_path, scale, uniform_shots=(0, 5))  # uniform seed 1 was re-evaluated 5-shot
     assert set(index["downstream/setting"].dropna()) == {"tasks=copa,piqa; num_fewshot=0; limit=40",
                                                           "tasks=copa,piqa; num_fewshot=5; limit=40"}
-    table3.build(index, scale, tmp_path / "out")
+    ARTIFACTS["table3"].build(index, scale, tmp_path / "out")
     text = (tmp_path / "out" / "table3.md").read_text()
     assert "piqa" not in text.split("\n\n")[1] and "Avg (%)" not in text  # no task column, no average
     assert "| Uniform | 3.300 ± 0.635 (n=2) |" in text  # the validation loss is still there
@@ -266,7 +325,7 @@ def test_every_staged_method_gets_the_shared_stage_note() -> None:
 
     from dograph.config import to_run_config
     from dograph.runs.app import mixer_class
-    from experiments.common import STAGED_METHODS, shared_stage_note
+    from experiments.tables import STAGED_METHODS, shared_stage_note
 
     staged = set()
     for path in sorted((Path(__file__).resolve().parent.parent / "conf" / "mixer").glob("*.yaml")):
@@ -364,7 +423,8 @@ def test_train_time_excludes_validation_and_checkpoints_and_resumes_exactly(make
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", costs(1.0, trainer_module.Trainer.train_step))
     monkeypatch.setattr(trainer_module, "evaluate", costs(10.0, trainer_module.evaluate))
-    monkeypatch.setattr(trainer_module, "save_checkpoint", costs(100.0, trainer_module.save_checkpoint))
+    checkpointer = trainer_module.Checkpointer  # every save of the run goes through it (dograph.train.checkpointer)
+    monkeypatch.setattr(checkpointer, "save", costs(100.0, checkpointer.save))
     run = ("mixer=uniform", "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.eval_every=3",
            "trainer.log_every=2")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -386,10 +446,8 @@ def test_train_time_excludes_validation_and_checkpoints_and_resumes_exactly(make
 
 
 def test_figure5_stacks_training_time_only(synthetic_index, tmp_path: Path) -> None:
-    from experiments import figure5
-
     index, scale = synthetic_index
-    paths = figure5.build(index, scale, tmp_path / "out")
+    paths = ARTIFACTS["figure5"].build(index, scale, tmp_path / "out")
     assert {p.name for p in paths} == {"figure5.png", "figure5.pdf", "figure5_times.csv"}
     data = pd.read_csv(tmp_path / "out" / "figure5_times.csv").set_index("method")
     assert list(data.index) == ["uniform", "dograph"]  # doremi has no run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -83,3 +84,20 @@ def test_carried_wheels_are_pinned_within_pyproject() -> None:
     assert re.search(r"^gpu-wheels:.*## .*\n\tbash benchmarks/gpu.sh fetch$", makefile, re.M)
     assert re.search(r"^bench-gpu:.*## .*\n\tbash benchmarks/gpu.sh run$", makefile, re.M)
     assert ".gpu_wheels/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_benchmarks_are_a_package_that_edits_no_import_path() -> None:
+    """Scripts import their siblings as ``benchmarks.<name>`` (never by bare name through an edited ``sys.path``)."""
+    scripts = sorted((REPO / "benchmarks").glob("*.py"))
+    siblings = {p.stem for p in scripts}
+    assert {"__init__", "common", "step_time", "gpu_report"} <= siblings
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [
+                a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not siblings & set(names), (path.name, names)
+            assert not (isinstance(node, ast.Attribute) and node.attr == "path"
+                        and isinstance(node.value, ast.Name) and node.value.id == "sys"), path.name
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step_time", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--parts" in done.stdout, done.stderr[-2000:]

@@ -1,4 +1,10 @@
-"""Shared pieces of the table and figure modules: method names, per-method cells over seeds."""
+"""Table cells and the kinds of table several artifacts share (``experiments.paper`` gives each its parameters).
+
+A cell is mean ± the half-width of a 95% Student-t interval over seeds (``stats.py``). A method
+table (Tables 1-5) has a row per method of the scale, over every method x seed of one of the
+paper's settings (``conf/reproduce/<scale>.yaml``: ``settings.<setting>`` names the model and
+dataset standing for it); a proportions table (Tables 6-7) reads a corpus, not runs.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.index import domains_of
 from experiments.render import NOT_AVAILABLE, Table
-from experiments.scale import RunRequest, Scale, method_requests, rows_for
+from experiments.scale import RunRequest, Scale, method_requests, model_tokenizer, rows_for
 from experiments.stats import Estimate, mean_ci
 
 # The paper's names for the methods (docs/design.md section 3)
@@ -129,17 +136,85 @@ def scale_title(title: str, scale: Scale, setting: str) -> str:
     return f"{title} - scale {scale.name}: {where['model']} on {where['dataset']}"
 
 
-def write_downstream_table(name: str, title: str, setting: str, index: pd.DataFrame, scale: Scale, out_dir: Path,
-                           extra: Sequence[Column] = ()) -> list[Path]:
-    """A methods x downstream-tasks table (Tables 1, 3, 4, 5) over the method runs of one paper setting."""
-    requests = method_requests(scale, setting)
-    runs = rows_for(index, requests)
-    mixed = mixed_eval_note(runs)
-    columns = [*([] if mixed else downstream_columns(runs)), *extra]
-    notes = [CI_NOTE, *shared_stage_note(scale.methods), *missing_note(index, requests), *mixed]
-    if len(columns) == len(extra) and not mixed:
-        notes.append("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns "
-                     "are not available; `python -m dograph.eval RUN_DIR eval=paper` adds them.")
-    rows = method_rows(index, requests, columns, scale.methods)
-    return Table(name, scale_title(title, scale, setting), ["Method", *(c.header for c in columns)], rows,
-                 notes).write(out_dir)
+VAL_LOSS = Column("Val loss (avg)", metric("val/avg_loss"), 3)
+LOSS_NOTE = "Loss: mean token cross-entropy in nats; Avg: weighted by the natural mixture; PPL = exp(Avg loss)."
+NO_DOWNSTREAM = ("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns are not "
+                 "available; `python -m dograph.eval RUN_DIR eval=paper` adds them.")
+
+
+@dataclass(frozen=True)
+class MethodTable:
+    """Every method x seed of the scale on one paper setting; a row per method (mean ± CI over seeds)."""
+
+    name: str
+    title: str
+    setting: str
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        return method_requests(scale, self.setting)
+
+    def run_notes(self, index: pd.DataFrame, scale: Scale) -> list[str]:
+        """Why the staged methods' intervals are narrower in meaning, and which runs are missing."""
+        return [*shared_stage_note(scale.methods), *missing_note(index, self.requests(scale))]
+
+    def write(self, index: pd.DataFrame, scale: Scale, out_dir: Path, columns: list[Column], notes: list[str]
+              ) -> list[Path]:
+        rows = method_rows(index, self.requests(scale), columns, scale.methods)
+        return Table(self.name, scale_title(self.title, scale, self.setting), ["Method", *(c.header for c in columns)],
+                     rows, notes).write(out_dir)
+
+
+@dataclass(frozen=True)
+class DownstreamTable(MethodTable):
+    """Methods x downstream tasks (Tables 1, 3-5): a column per task the runs were evaluated on and their average;
+    with ``val_loss``, the natural-mixture validation loss too.
+
+    Scores made with different eval settings are never averaged: the task columns go, and a note says why.
+    """
+
+    val_loss: bool = False
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        runs = rows_for(index, self.requests(scale))
+        mixed = mixed_eval_note(runs)
+        tasks = [] if mixed else downstream_columns(runs)
+        notes = [CI_NOTE, *self.run_notes(index, scale), *mixed, *([] if tasks or mixed else [NO_DOWNSTREAM])]
+        return self.write(index, scale, out_dir, [*tasks, *([VAL_LOSS] if self.val_loss else [])], notes)
+
+
+@dataclass(frozen=True)
+class DomainLossTable(MethodTable):
+    """Validation loss per human domain and its natural-mixture average, per method (Table 2).
+
+    The paper's "PPL" values (3.09 to 4.51) look like mean token loss (docs/design.md section 1), so
+    the domains are reported as loss in nats and the average both as loss and as exp(loss).
+    """
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        runs = rows_for(index, self.requests(scale))
+        domains = domains_of(runs.dropna(axis=1, how="all")) if not runs.empty else []
+        columns = [Column(d, metric(f"val/{d}/loss"), 3) for d in domains]
+        columns += [Column("Avg loss", metric("val/avg_loss"), 3), Column("Avg PPL", ppl_of("val/avg_loss"), 2),
+                    Column("Worst loss", metric("val/worst_loss"), 3)]
+        return self.write(index, scale, out_dir, columns, [CI_NOTE, LOSS_NOTE, *self.run_notes(index, scale)])
+
+
+@dataclass(frozen=True)
+class ProportionsTable:
+    """A corpus's domain proportions, measured from its documents: bytes, documents, tokens (Tables 6-7).
+
+    The corpus is the scale's ``corpora.<name>``, its tokens counted by the tokenizer of the setting's model.
+    """
+
+    name: str
+    title: str
+    setting: str
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        return []
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        from experiments.proportions import write_proportions  # dograph's data stack: imported when built
+
+        tokenizer = model_tokenizer(scale.setting(self.setting)["model"])
+        return write_proportions(self.name, self.title, scale.corpora[self.name], tokenizer, scale, out_dir)
