@@ -1,6 +1,6 @@
 """Train a language model with a data mixer: ``python run.py mixer=dograph model=gpt2_medium``.
 
-Hydra composes ``conf/config.yaml`` (see the README's configuration reference); this file
+Hydra composes ``conf/config.yaml`` (see docs/configuration.md); this file
 only converts it to the typed :class:`dograph.config.RunConfig` and hands it over.
 Errors a user can fix (bad values, missing data, no network) print one message, no trace.
 """

@@ -427,7 +427,7 @@ def result(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures, flat (what the README quotes)."""
+    """The headline figures, flat (what docs/performance.md quotes)."""
     out: dict[str, Any] = {}
     env = result(report, "environment")
     out["device"] = env.get("gpu") or (f"CPU: {env['cpu']}" if env else None)

@@ -233,7 +233,7 @@ def test_lm_eval_cli_command_sets_the_projects_context(eval_cfg: RunConfig, loca
 
 @pytest.mark.slow
 def test_lm_eval_cli_reproduces_the_rolling_perplexity(eval_cfg: RunConfig, local_tokenizer, tmp_path: Path) -> None:
-    """The printed command, run as is, gives the word perplexity of dograph.eval.downstream (docs: README)."""
+    """The printed command, run as is, gives the word perplexity of dograph.eval.downstream (docs/evaluation.md)."""
     from transformers import AutoModelForCausalLM
 
     run_dir = wide_export(tmp_path / "run", local_tokenizer)
