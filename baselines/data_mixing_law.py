@@ -101,8 +101,9 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import spearmanr
 
-from baselines.sweep_fit import FitOutcome, SweepFitMixer
+from baselines.sweep_fit import FitOutcome, SweepFitMixer, check_sweep_counts
 from dograph.errors import ConfigError, DataError
+from dograph.settings import Settings
 
 # ---- constants, with their official source -----------------------------------------------------------------------
 
@@ -655,6 +656,29 @@ def design_mixtures(num_domains: int, count: int, *, seed: int = 0,
 # ---- the method -----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class DataMixingLawSettings(Settings):
+    """``conf/mixer/data_mixing_law.yaml``; the fit's own arguments are checked by :func:`fit_mixing_law`."""
+
+    _target_: str  # baselines.data_mixing_law.DataMixingLawMixer
+    proxies: int  # proxy runs of the sweep, one per designed mixture (>= 2; the law needs D + 2)
+    min_proxies: int  # the fit refuses fewer successful proxies (in [2, proxies])
+    sweep_seed: int  # seed of the design (natural, uniform, one emphasis per domain, space-filling rest)
+    huber_delta: float  # delta of the Huber loss of the fit
+    starts: int  # draws of the official start generator
+    scan_starts: int  # linearised starts from a scan of c
+    lbfgs_steps: int  # L-BFGS outer steps per start
+    held_out: float  # share of the proxies left out of the fit to report its quality
+    fit_seed: int  # seed of the starts, the held-out proxies and the optimum
+    max_weight: Any  # null, one cap for every domain, or one cap per domain (the optimum's upper bounds)
+    launcher: str  # Hydra launcher of the proxies: basic (here, one after another), joblib, submitit_slurm, ...
+    launcher_overrides: list[str]  # overrides for that launcher, e.g. [hydra.launcher.n_jobs=2]
+    proxy: dict[str, Any]  # the proxies' stage: a conf/model name, a conf/trainer preset, seed, any trainer.* field
+
+    def check(self) -> None:
+        check_sweep_counts(self.proxies, self.min_proxies)
+
+
 class DataMixingLawMixer(SweepFitMixer):
     """``mixer=data_mixing_law``: proxies on a designed set of mixtures, the per-domain law, its optimum.
 
@@ -665,6 +689,7 @@ class DataMixingLawMixer(SweepFitMixer):
     """
 
     name = "data_mixing_law"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
+    settings_class = DataMixingLawSettings
     label = "Data Mixing Law"
 
     def __init__(self, *, huber_delta: float = HUBER_DELTA, starts: int = DEFAULT_STARTS,

@@ -69,12 +69,11 @@ training domains themselves (the paper's universal-generalization setting; the b
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -86,12 +85,49 @@ from dograph.mixer_history import DomainWeightHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.reporting import markdown_table
 from dograph.runs.pipeline import StageResult, StageSpec
+from dograph.settings import Settings, require_number
 from dograph.step.projection import KroneckerProjector
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s coefficient max_norm / (total_norm + 1e-6), at most 1 (torch.nn.utils)
 NORM_EPS = 1e-6  # scores / (avg_norm + 1e-6) (src/trainer.py update_domain_weights_distributed, about L745)
 PROXY_KEYS = ("mu", "dw_min", "dw_max", "max_grad_norm", "eps", "gradients")  # the proxy's constants
-GRADIENTS = ("exact", "projected")
+
+
+@dataclass
+class DoGEProjectionSettings(Settings):
+    """``mixer.projection`` (gradients=projected): DoGraph's Kronecker projection; its seed is the proxy stage's."""
+
+    key = "mixer.projection"
+    rank: int  # r per side, as mixer=dograph
+    out_dim: int | None  # k, as mixer=dograph (null keeps all L*r*r dimensions)
+    include: list[str]  # Linear/Conv1D module-name patterns to project
+    exclude: list[str]  # patterns left out (DoGE's gradients include the output head)
+    dtype: Literal["float32", "bfloat16", "float16"]  # of the projection matrices
+
+
+@dataclass
+class DoGESettings(Settings):
+    """``conf/mixer/doge.yaml`` (paper scale: ``conf/model_mixer/*_doge.yaml``); see the module doc."""
+
+    _target_: str  # baselines.doge.DoGEMixer
+    mixture_from: Literal["proxy"]  # the stage whose time-averaged weights the main run samples
+    mu: float  # step size of the mirror step: softmax(log w + s / mu), finite and > 0
+    dw_min: float  # scores >= lr_t * dw_min (finite, <= dw_max)
+    dw_max: float  # scores <= lr_t * dw_max (finite)
+    max_grad_norm: float  # clip_grad_norm_ of each domain's gradient (finite; <= 0: no clipping)
+    eps: float  # smoothing w = (1 - eps) w + eps / D, in [0, 1]
+    gradients: Literal["exact", "projected"]  # the domain Gram from exact gradients or projected per-sample ones
+    projection: DoGEProjectionSettings  # read with gradients=projected only
+    proxy: dict[str, Any]  # the proxy stage: a conf/model name, a conf/trainer preset, seed, any trainer.* field
+
+    def check(self) -> None:
+        require_number(self.mu, "mixer.mu", low=0, low_open=True)
+        require_number(self.dw_min, "mixer.dw_min")
+        require_number(self.dw_max, "mixer.dw_max")
+        if self.dw_min > self.dw_max:
+            raise ConfigError(f"mixer.dw_min={self.dw_min} must be <= mixer.dw_max={self.dw_max}")
+        require_number(self.max_grad_norm, "mixer.max_grad_norm")
+        require_number(self.eps, "mixer.eps", low=0, high=1)
 
 
 # ---- the update, as pure functions ------------------------------------------------------------------
@@ -159,14 +195,6 @@ def projected_domain_gram(grad_proj: Tensor, domain: Tensor, num_domains: int) -
 # ---- the proxy ------------------------------------------------------------------------------------------
 
 
-def _number(value: Any, key: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"mixer.{key} must be a finite number (got {value!r})")
-    if positive and value <= 0:
-        raise ConfigError(f"mixer.{key} must be > 0 (got {value!r})")
-    return float(value)
-
-
 class DoGEProxyMixer(Mixer):
     """The DoGE proxy: learns ``w`` from the domain Gram each step and updates with ``sum_d w_d c_d g_d``.
 
@@ -181,26 +209,15 @@ class DoGEProxyMixer(Mixer):
                  eps: float = 0.0, gradients: str = "exact", projection: Mapping[str, Any] | None = None,
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
-        self.mu = _number(mu, "mu", positive=True)
-        self.dw_min, self.dw_max = _number(dw_min, "dw_min"), _number(dw_max, "dw_max")
-        if self.dw_min > self.dw_max:
-            raise ConfigError(f"mixer.dw_min={dw_min} must be <= mixer.dw_max={dw_max}")
-        self.max_grad_norm = _number(max_grad_norm, "max_grad_norm")
-        self.eps = _number(eps, "eps")
-        if not 0 <= self.eps <= 1:
-            raise ConfigError(f"mixer.eps must be in [0, 1] (got {eps!r})")
-        if gradients not in GRADIENTS:
-            raise ConfigError(f"mixer.gradients must be one of {', '.join(GRADIENTS)} (got {gradients!r})")
+        self.mu, self.dw_min, self.dw_max = float(mu), float(dw_min), float(dw_max)
+        self.max_grad_norm, self.eps = float(max_grad_norm), float(eps)
         if not domains:
             raise ConfigError("DoGE needs the dataset's domains")
         self.gradients, self.domains, self.dist = gradients, list(domains), dist or DistContext()
         self._projector: KroneckerProjector | None = None
         if gradients == "projected":
             node = {k: (list(v) if k in ("include", "exclude") else v) for k, v in dict(projection or {}).items()}
-            try:
-                self._projector = KroneckerProjector(**node, seed=seed)
-            except TypeError as exc:
-                raise ConfigError(f"mixer.projection: {exc}") from None
+            self._projector = KroneckerProjector(**node, seed=seed)
             self.requires = frozenset({Signal.GRAD_PROJ, Signal.DOMAIN})
         else:
             self.requires = frozenset({Signal.DOMAIN_GRAM, Signal.DOMAIN})
@@ -315,12 +332,11 @@ class DoGEMixer(StageMixtureMixer):
     """The main run: samples the time-averaged weights of the ``proxy`` stage (``mixture_from``)."""
 
     name = "doge"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
+    settings_class = DoGESettings
 
     @classmethod
     def plan_stages(cls, node: dict[str, Any]) -> list[StageSpec]:
-        proxy = node.get("proxy")
-        if not isinstance(proxy, Mapping):
-            raise ConfigError("mixer.proxy must be the proxy stage's settings (model, trainer, max_steps, seed, ...)")
+        proxy = node["proxy"]
         mixer = {"_target_": "baselines.doge.DoGEProxyMixer", **{k: node[k] for k in PROXY_KEYS if k in node}}
         if node.get("gradients", "exact") == "projected":  # the exact proxy's stage key ignores the projection
             mixer["projection"] = dict(node.get("projection") or {})

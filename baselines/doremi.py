@@ -79,8 +79,9 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,14 +96,12 @@ from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.models import per_token_loss
 from dograph.reporting import markdown_table
 from dograph.runs.pipeline import StageResult, StageSpec
+from dograph.settings import Settings, require, require_number
 
 REFERENCE, PROXY = "reference", "proxy"  # the stage names (mixer.reference.*, mixer.proxy.*)
-PROXY_MIXTURES = ("equal", "natural")  # what the proxy samples: every domain 1/D, or the corpus's mixture
 PRECISIONS = ("auto", "fp32", "bf16")  # trainer.precision's choices (the reference runs under the proxy's)
 MIN_NORMALIZER = 1e-10  # floor of the loss normaliser (doremi/trainer.py training_step, clip min=1e-10)
 MAX_PENDING = 1024  # our choice: history rows kept on the device before one host copy (bounds their memory)
-# Keys of conf/mixer/doremi.yaml besides the two stage nodes.
-METHOD_KEYS = ("_target_", "mixture_from", "eta", "eps", "proxy_mixture", "reference_batch_size")
 
 
 # ---- the update, as pure functions ------------------------------------------------------------------------
@@ -147,19 +146,27 @@ def sample_weights(domain: Tensor, domain_weights: Tensor, domain_counts: Tensor
     return domain_weights[domain] / normalizer
 
 
-# ---- config checks -----------------------------------------------------------------------------------------
+# ---- settings ----------------------------------------------------------------------------------------------
 
 
-def check_constants(eta: Any, eps: Any, proxy_mixture: Any, reference_batch_size: Any) -> None:
-    """One-line ConfigErrors naming the key (before any stage is trained)."""
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not (eta > 0 and math.isfinite(eta)):
-        raise ConfigError(f"mixer.eta must be a finite number > 0 (got {eta!r})")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps <= 1:
-        raise ConfigError(f"mixer.eps must be a number in [0, 1] (got {eps!r})")
-    if proxy_mixture not in PROXY_MIXTURES:
-        raise ConfigError(f"mixer.proxy_mixture must be one of {', '.join(PROXY_MIXTURES)} (got {proxy_mixture!r})")
-    if isinstance(reference_batch_size, bool) or not isinstance(reference_batch_size, int) or reference_batch_size < 1:
-        raise ConfigError(f"mixer.reference_batch_size must be a positive integer (got {reference_batch_size!r})")
+@dataclass
+class DoReMiSettings(Settings):
+    """``conf/mixer/doremi.yaml``: the method's constants (for the proxy) and its two stages; see the module doc."""
+
+    _target_: str  # baselines.doremi.DoReMiMixer
+    mixture_from: Literal["proxy"]  # the main run samples the proxy stage's time-averaged weights
+    eta: float  # step size of the domain weights (reweight_eta), finite and > 0
+    eps: float  # smoothing w <- (1 - eps) w + eps / k (reweight_eps), in [0, 1]
+    proxy_mixture: Literal["equal", "natural"]  # what the proxy samples: 1/k per domain, or the natural mixture
+    reference_batch_size: int  # sequences per reference forward in the proxy's step (>= 1)
+    reference: dict[str, Any]  # the reference stage: a conf/model name, a conf/trainer preset, seed, trainer.*
+    proxy: dict[str, Any]  # the proxy stage, as reference (the two must share a tokenizer)
+
+    def check(self) -> None:
+        require_number(self.eta, "mixer.eta", low=0, low_open=True)
+        require_number(self.eps, "mixer.eps", low=0, high=1)
+        require(self.reference_batch_size >= 1, "mixer.reference_batch_size", "must be >= 1",
+                self.reference_batch_size)
 
 
 def _stage_tokenizer(settings: Mapping[str, Any]) -> str | None:
@@ -195,7 +202,6 @@ class DoReMiProxyMixer(Mixer):
                  reference_batch_size: int = 16, precision: str = "auto",
                  stage_results: Mapping[str, StageResult] | None = None, domains: Sequence[str] = (),
                  natural_mixture: Sequence[float] = (), dist: DistContext | None = None, seed: int = 0) -> None:
-        check_constants(eta, eps, proxy_mixture, reference_batch_size)
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
         results = dict(stage_results or {})
@@ -378,6 +384,7 @@ class DoReMiMixer(StageMixtureMixer):
     """
 
     name = "doremi"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
+    settings_class = DoReMiSettings
 
     def __init__(self, *, mixture_from: str = PROXY, stage_results: Mapping[str, StageResult] | None = None,
                  domains: Sequence[str] = (), eta: float = 1.0, eps: float = 1e-3, proxy_mixture: str = "equal",
@@ -386,16 +393,8 @@ class DoReMiMixer(StageMixtureMixer):
 
     @classmethod
     def plan_stages(cls, node: dict[str, Any]) -> list[StageSpec]:
-        unknown = sorted(set(node) - set(METHOD_KEYS) - {REFERENCE, PROXY})
-        if unknown:
-            raise ConfigError(f"mixer: unknown key(s) {', '.join(unknown)} for doremi (keys: "
-                              f"{', '.join(k for k in METHOD_KEYS if k != '_target_')}, {REFERENCE}, {PROXY})")
-        for name in (REFERENCE, PROXY):
-            if not isinstance(node.get(name), Mapping):
-                raise ConfigError(f"mixer.{name} must be a stage node (model, trainer, max_steps, seed, ...)")
         eta, eps = node.get("eta", 1.0), node.get("eps", 1e-3)
         proxy_mixture, chunk = node.get("proxy_mixture", "equal"), node.get("reference_batch_size", 16)
-        check_constants(eta, eps, proxy_mixture, chunk)
         reference, proxy = dict(node[REFERENCE]), dict(node[PROXY])
         tokenizers = _stage_tokenizer(reference), _stage_tokenizer(proxy)
         if None not in tokenizers and tokenizers[0] != tokenizers[1]:

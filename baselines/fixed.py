@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from dograph.errors import ConfigError
 from dograph.mixer_history import DomainWeightHistory
 from dograph.mixing import Mixer, MixerOutput, StepSignals
 from dograph.runs.pipeline import StageResult
+from dograph.settings import Settings
 
 SLIMPAJAMA = ("RedPajamaArXiv", "RedPajamaBook", "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub",
               "RedPajamaStackExchange", "RedPajamaWikipedia")
@@ -93,10 +95,20 @@ def resolve_mixture(mixture: str | Sequence[float] | Mapping[str, float], domain
     return [float(v) / total for v in values]
 
 
+@dataclass
+class FixedSettings(Settings):
+    """``conf/mixer/fixed.yaml``: the mixture, checked against the dataset's domains when the mixer is built."""
+
+    _target_: str  # baselines.fixed.FixedMixer
+    mixture: Any  # required: numbers in the dataset's domain order, {domain: weight}, or a published mixture's name
+    renormalise_subset: bool  # true: a named mixture may cover more domains than the dataset; renormalise
+
+
 class FixedMixer(Mixer):
     """One sampling mixture for the whole run; every sample weighs 1/B (no work in the step)."""
 
     name = "fixed"  # the registered method name (dograph.mixing.MIXERS)
+    settings_class = FixedSettings
     reweights = False
 
     def __init__(self, *, mixture: str | Sequence[float] | Mapping[str, float] | None = None,

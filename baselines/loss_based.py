@@ -48,8 +48,9 @@ per step); the plain mean would give a non-finite gradient just the same.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -59,6 +60,7 @@ from dograph.errors import ConfigError
 from dograph.mixer_history import DomainWeightHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.reporting import markdown_table
+from dograph.settings import Settings, require
 
 MIN_SPAN = 1e-6  # floor of l_max - l_min (src/trainer.py L124-125): equal losses -> uniform weights
 MAX_PENDING = 1024  # our choice: history rows kept on the device before one host copy (bounds their memory)
@@ -80,8 +82,25 @@ def _extremes(h: Tensor, delta: float) -> Tensor:
     return h.abs()
 
 
+Strategy = Literal["mid", "upper", "linupper", "extremes"]  # f(h), step 3 of the module doc
 STRATEGIES: dict[str, Callable[[Tensor, float], Tensor]] = {
-    "mid": _mid, "upper": _upper, "linupper": _linupper, "extremes": _extremes}
+    "mid": _mid, "upper": _upper, "linupper": _linupper, "extremes": _extremes}  # one per Strategy (tested)
+
+
+@dataclass
+class LossBasedSettings(Settings):
+    """``conf/mixer/loss_based.yaml`` (per model: ``conf/model_mixer/*_loss_based.yaml``); see the module doc."""
+
+    _target_: str  # baselines.loss_based.LossBasedMixer
+    strategy: Strategy  # f(h): mid favours middle losses, upper and linupper high ones, extremes both ends
+    kl_reg: float  # softmax temperature (> 0): smaller concentrates the weights
+    burn_in: int  # steps of plain mean before reweighting (>= 0)
+    delta: float  # h in [-delta, delta] (> 0)
+
+    def check(self) -> None:
+        require(self.kl_reg > 0, "mixer.kl_reg", "must be > 0", self.kl_reg)
+        require(self.burn_in >= 0, "mixer.burn_in", "must be >= 0", self.burn_in)
+        require(self.delta > 0, "mixer.delta", "must be > 0", self.delta)
 
 
 def normalised_losses(loss: Tensor, delta: float = 1.0) -> Tensor:
@@ -114,20 +133,13 @@ class LossBasedMixer(Mixer):
     """
 
     name = "loss_based"  # the registered method name (dograph.mixing.MIXERS)
+    settings_class = LossBasedSettings
     requires = frozenset({Signal.DOMAIN})
     reweights = True
 
     def __init__(self, *, strategy: str = "mid", kl_reg: float = 1.0, burn_in: int = 1000, delta: float = 1.0,
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"mixer.strategy must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
-        if isinstance(kl_reg, bool) or not isinstance(kl_reg, int | float) or not kl_reg > 0:
-            raise ConfigError(f"mixer.kl_reg must be a number > 0 (got {kl_reg!r})")
-        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
-            raise ConfigError(f"mixer.burn_in must be an integer >= 0 (got {burn_in!r})")
-        if isinstance(delta, bool) or not isinstance(delta, int | float) or not delta > 0:
-            raise ConfigError(f"mixer.delta must be a number > 0 (got {delta!r})")
         self.strategy, self.kl_reg, self.burn_in, self.delta = strategy, float(kl_reg), burn_in, float(delta)
         self.domains = list(domains)
         self.dist = dist or DistContext()

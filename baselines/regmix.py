@@ -72,6 +72,7 @@ from scipy.stats import spearmanr
 
 from baselines.sweep_fit import FitOutcome, SweepFitMixer
 from dograph.errors import ConfigError, DataError
+from dograph.settings import Settings
 
 # ---- constants (official values) ---------------------------------------------------------------------------
 
@@ -401,6 +402,28 @@ def choose_mixture(regressor: Predictor, token_shares: Sequence[float] | np.ndar
 # ---- the method -----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RegMixSettings(Settings):
+    """``conf/mixer/regmix.yaml`` (paper scale: ``conf/model_mixer/gpt2_*_regmix.yaml``); see the module doc."""
+
+    _target_: str  # baselines.regmix.RegMixMixer
+    proxies: int  # proxy runs of the sweep, one per synthesized mixture (>= 4: 2 held out, 2 to fit)
+    min_proxies: int  # the fit refuses fewer successful proxies (in [4, proxies])
+    sweep_seed: int  # seed of the proxies' mixtures
+    target: str  # what the regressor predicts: average (natural-mixture average loss) or a domain's name
+    held_out: float  # share of the proxies held out for early stopping and the reported quality, in (0, 1)
+    top_k: int  # the mixture is the mean of the top_k best simulated ones (in [1, samples])
+    samples: int  # simulated mixtures drawn from Dirichlet(token distribution) (>= 1)
+    fit_seed: int  # LightGBM's seed and the simulation's
+    launcher: str  # Hydra launcher of the proxies: basic (here, one after another), joblib, submitit_slurm, ...
+    launcher_overrides: list[str]  # overrides for that launcher, e.g. [hydra.launcher.n_jobs=2]
+    proxy: dict[str, Any]  # the proxies' stage: a conf/model name, a conf/trainer preset, seed, any trainer.* field
+
+    def check(self) -> None:
+        check_settings(proxies=self.proxies, min_proxies=self.min_proxies, held_out=self.held_out, top_k=self.top_k,
+                       samples=self.samples)
+
+
 class RegMixMixer(SweepFitMixer):
     """``mixer=regmix``: proxies on synthesized mixtures, a LightGBM regressor, the top-k of a simulated search.
 
@@ -410,6 +433,7 @@ class RegMixMixer(SweepFitMixer):
     """
 
     name = "regmix"  # registered name (dograph.mixing.MIXERS); its stage keys hash it: never change it
+    settings_class = RegMixSettings
     label = "RegMix"
 
     def __init__(self, *, target: str = "average", held_out: float = HELD_OUT_FRACTION, top_k: int = TOP_K,
@@ -421,9 +445,6 @@ class RegMixMixer(SweepFitMixer):
     @classmethod
     def design(cls, node: dict[str, Any], count: int, seed: int, domains: list[str],
                natural_mixture: list[float]) -> np.ndarray:
-        check_settings(proxies=count, min_proxies=int(node["min_proxies"]), held_out=float(node.get("held_out",
-                       HELD_OUT_FRACTION)), top_k=int(node.get("top_k", TOP_K)),
-                       samples=int(node.get("samples", SIMULATION_SAMPLES)))
         target = node.get("target", "average")
         if target != "average" and target not in domains:
             raise ConfigError(f"mixer.target={target!r} is not a domain of the dataset: choose average or one of "

@@ -31,6 +31,7 @@ from dograph.errors import ConfigError
 from dograph.reporting import markdown_table
 from dograph.runs.pipeline import replace_atomically, write_text_atomically
 from dograph.runs.sweep import SweepResult, SweepSpec
+from dograph.settings import require
 
 SWEEP_KEYS = ("proxies", "min_proxies", "sweep_seed", "launcher", "launcher_overrides", "proxy")
 
@@ -49,18 +50,17 @@ class FitOutcome:
     held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
+def check_sweep_counts(proxies: int, min_proxies: int) -> None:
+    """``mixer.proxies`` >= 2 and ``mixer.min_proxies`` in [2, proxies] (a method's settings may ask for more)."""
+    require(proxies >= 2, "mixer.proxies", "must be >= 2", proxies)
+    require(2 <= min_proxies <= proxies, "mixer.min_proxies", f"must be in [2, mixer.proxies={proxies}]", min_proxies)
+
+
 def sweep_settings(node: dict[str, Any]) -> tuple[int, int, int, str, tuple[str, ...], dict[str, Any]]:
-    """(proxies, min_proxies, sweep_seed, launcher, launcher_overrides, proxy stage settings), checked."""
-    proxies, minimum = node.get("proxies"), node.get("min_proxies")
-    if not isinstance(proxies, int) or proxies < 2:
-        raise ConfigError(f"mixer.proxies must be an integer >= 2 (got {proxies!r})")
-    if not isinstance(minimum, int) or not 2 <= minimum <= proxies:
-        raise ConfigError(f"mixer.min_proxies must be an integer in [2, mixer.proxies={proxies}] (got {minimum!r})")
-    proxy = node.get("proxy")
-    if not isinstance(proxy, dict):
-        raise ConfigError("mixer.proxy must be a node of stage settings (model, trainer, max_steps, seed, ...)")
+    """(proxies, min_proxies, sweep_seed, launcher, launcher_overrides, proxy stage settings) of a checked node."""
     overrides = tuple(str(o) for o in (node.get("launcher_overrides") or ()))
-    return proxies, minimum, int(node.get("sweep_seed", 0)), str(node.get("launcher", "basic")), overrides, proxy
+    return (node["proxies"], node["min_proxies"], int(node.get("sweep_seed", 0)), str(node.get("launcher", "basic")),
+            overrides, dict(node["proxy"]))
 
 
 class SweepFitMixer(FixedMixer):

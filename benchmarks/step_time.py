@@ -586,7 +586,7 @@ def objective_inputs(m: int, dim: int, rng: np.random.Generator) -> ObjectiveInp
 
 def bench_objective(name: str, m: int, solves: int, seed: int) -> dict[str, Any]:
     """First solve (CVXPY compiles the DPP problem) and the median of ``solves`` later ones."""
-    objective = instantiate(load_yaml(CONF / "objective" / f"{name}.yaml"))(num_clusters=m)
+    objective = instantiate(option_values(CONF / "objective" / f"{name}.yaml"))(num_clusters=m)
     rng = np.random.default_rng(seed)
     inputs = [objective_inputs(m, 1024, rng) for _ in range(10)]
     w_prev = np.full(m, 1.0 / m)

@@ -3,9 +3,10 @@
 Hydra composes ``conf/config.yaml`` on top of :class:`RunConfig`, so a value of the wrong
 type fails at composition with a message naming its key (``full_key: trainer.max_steps``);
 ``__post_init__`` checks values (positivity, choices) when ``run.py`` converts the
-config to these dataclasses, before any work starts. Mixer and objective nodes are
-free-form (``_target_`` + that method's keyword arguments): their constructors check
-them.
+config to these dataclasses, before any work starts. Mixer and objective nodes
+(``_target_`` + that method's keyword arguments) are typed by the method's own settings
+class (``dograph.settings``), registered here from the ``_target_`` of each
+``conf/mixer/*.yaml`` and ``conf/objective/*.yaml``, and reach the methods as plain dicts.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 
 from dograph.errors import ConfigError
+from dograph.settings import omegaconf_schema, validated_node
 
 
 def _require(cond: bool, key: str, message: str, value: Any) -> None:
@@ -47,20 +50,6 @@ def _check_tokenizer(name: str) -> None:
     bpe = BPE_TOKENIZER.match(name)
     _require(bpe is None or int(bpe.group(1)) >= 1, "tokenizer",
              "bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k)", name)
-
-
-def _check_mixer_sizes(mixer: Any) -> None:
-    """The FIFO size of a mixer node that has one (DoGraph), checked before the corpus is read.
-
-    The mixer's constructor checks the rest of its node when it is built, after the data.
-    """
-    if not isinstance(mixer, dict) or "buffer_size" not in mixer:
-        return
-    size, m = mixer["buffer_size"], mixer.get("num_clusters")
-    _require(isinstance(size, int) and size >= 1, "mixer.buffer_size", "must be an integer >= 1", size)
-    if isinstance(m, int) and m > size:  # the constructor's message, earlier
-        raise ConfigError(f"m={m} is larger than mixer.buffer_size={size}: K-means needs at least m buffered "
-                          "gradients (lower m or raise mixer.buffer_size)")
 
 
 @dataclass
@@ -235,7 +224,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    mixer: Any = None  # _target_ + kwargs (conf/mixer/*)
+    mixer: Any = None  # _target_ + kwargs (conf/mixer/*, typed by the method's settings class)
     objective: Any = None  # _target_ + kwargs (conf/objective/*), read by mixers that optimise one
     tokenizer: str = "bpe8k"  # gpt2 | bpe<N>k (a BPE of N*1024 entries trained locally) | a directory | a hub name
     m: int = 11  # number of model-centric domains (DoGraph clusters)
@@ -248,7 +237,8 @@ class RunConfig:
         _require(self.m >= 1, "m", "must be >= 1", self.m)
         _require(0 <= self.seed < SEED_LIMIT, "seed", "must be in [0, 2**32) (numpy's seed range)", self.seed)
         _check_tokenizer(self.tokenizer)
-        _check_mixer_sizes(self.mixer)
+        self.objective = validated_node(self.objective)  # a composed node: checked, then a plain dict
+        self.mixer = validated_node(self.mixer)
         _require(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true",
                  self.resume)
         # rank 0 alone runs lm-eval after training; a sharded model needs every rank in its forward
@@ -292,9 +282,34 @@ def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
     return RunConfig(**{k: parts[k](**v) if k in parts else v for k, v in values.items()})
 
 
-def register_configs() -> None:
-    """Make the schema available to ``conf/config.yaml`` as the defaults entry ``schema``."""
-    ConfigStore.instance().store(name="schema", node=RunConfig)
+SETTINGS_GROUPS = ("mixer", "objective")  # config groups whose options are typed by the method's settings class
+
+
+def register_configs(conf_dir: Path = CONF_DIR) -> None:
+    """The trunk's schema as ``schema``; each method's settings as ``schema/<group>/<name>``.
+
+    ``<name>`` is the registered name of the class a ``conf/<group>/*.yaml`` names as ``_target_``
+    (``Mixer.name``, ``Objective.name``); the class declares its settings as ``settings_class``.
+    The classes are imported by name, as ``instantiate`` does later: the library never imports
+    a baseline module itself.
+    """
+    store = ConfigStore.instance()
+    store.store(name="schema", node=RunConfig)
+    for group in SETTINGS_GROUPS:
+        for target in sorted(group_targets(group, conf_dir)):
+            cls = get_class(target)
+            settings = cls.__dict__.get("settings_class")
+            if settings is None or not cls.__dict__.get("name"):
+                raise ConfigError(f"{target} (conf/{group}) must set its own name and settings_class")
+            store.store(group=f"schema/{group}", name=cls.name, node=omegaconf_schema(settings))
+
+
+def group_targets(group: str, conf_dir: Path = CONF_DIR) -> set[str]:
+    """The ``_target_`` classes the options of ``conf/<group>/`` name."""
+    from omegaconf import OmegaConf
+
+    nodes = (OmegaConf.load(path) for path in sorted((conf_dir / group).glob("*.yaml")))
+    return {str(node["_target_"]) for node in nodes if "_target_" in node}
 
 
 def to_config_object(node: Any) -> Any:

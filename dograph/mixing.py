@@ -123,10 +123,12 @@ class Mixer(ABC):
         """Per-sample weights for this step (see :class:`MixerOutput`)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The mixer's whole state (tensors and plain values); with :meth:`load_state_dict`, the ``Stateful``
+        protocol of ``torch.distributed.checkpoint``, saved by the checkpointer as ``"mixer"`` from rank 0."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
-        pass
+        """Continue from :meth:`state_dict`'s state (on every rank); refuse one built under other settings."""
 
     def summary(self) -> dict[str, Any]:
         """Final facts for the closing table of a run (weights, cluster tables, ...)."""

@@ -1,7 +1,7 @@
 """Dependency rules of the layout, checked on the import graph of the source (tests/import_graph.py).
 
 ``dograph/`` top level: the contract (``mixing``) and what every layer shares (``config``,
-``errors``, ``models``, ``distributed``, ``parallel``, ``mixer_history``, ``reporting``).
+``settings``, ``errors``, ``models``, ``distributed``, ``parallel``, ``mixer_history``, ``reporting``).
 Above it, in order: ``data/`` (knows nothing of training), ``step/`` (how a step uses a mixer),
 ``method/`` (DoGraph's parts: the contract and ``step/`` only), ``train/`` (the loop: names no
 mixer), ``eval/`` (downstream evaluation), ``runs/`` (the composition root: may use them all).
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from import_graph import REPO, all_edges, edges_of, project_modules
 
-TOP_LEVEL = ("dograph.config", "dograph.errors", "dograph.mixing", "dograph.models", "dograph.distributed",
-             "dograph.parallel", "dograph.mixer_history", "dograph.reporting")
+TOP_LEVEL = ("dograph.config", "dograph.settings", "dograph.errors", "dograph.mixing", "dograph.models",
+             "dograph.distributed", "dograph.parallel", "dograph.mixer_history", "dograph.reporting")
 MIXER_NAMES = ("DoGraph", "Uniform", "DoReMi", "DoGE", "RegMix", "loss_based", "LossBased", "DataMixingLaw")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 from helpers import REPO
+from hydra.errors import ConfigCompositionException
 
 from dograph.config import to_run_config
 from dograph.errors import ConfigError
@@ -63,7 +64,7 @@ def test_bad_values_name_their_key(override: str, key: str) -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ("seed=-3", "seed must be in [0, 2**32) (numpy's seed range) (got -3)"),
     ("tokenizer=bpe0k", "tokenizer bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k) (got 'bpe0k')"),
-    ("mixer.buffer_size=-5", "mixer.buffer_size must be an integer >= 1 (got -5)"),
+    ("mixer.buffer_size=-5", "mixer.buffer_size must be >= 1 (got -5)"),
     ("mixer.buffer_size=8", "m=11 is larger than mixer.buffer_size=8: K-means needs at least m buffered gradients"),
 ])
 def test_bad_input_is_one_line_before_any_work(make_config, tmp_path: Path, override: str, message: str) -> None:
@@ -71,6 +72,19 @@ def test_bad_input_is_one_line_before_any_work(make_config, tmp_path: Path, over
     with pytest.raises(ConfigError) as info:
         make_config(override, f"dataset.path={tmp_path / 'no corpus'}")
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+WRONG_MIXER_SETTINGS = [("mixer.bufer_size=4", "mixer.bufer_size"), ("mixer.buffer_size=abc", "mixer.buffer_size"),
+                        ("objective.floor=x", "objective.floor")]  # a wrong key, a wrong type (tests/test_settings.py)
+
+
+@pytest.mark.parametrize(("override", "key"), WRONG_MIXER_SETTINGS)
+def test_a_wrong_mixer_key_or_type_is_hydras_error_before_any_work(make_config, tmp_path: Path, override: str,
+                                                                   key: str) -> None:
+    """Refused while Hydra composes (the method's settings class types the node), before the corpus is read."""
+    with pytest.raises(ConfigCompositionException) as info:
+        make_config(override, f"dataset.path={tmp_path / 'no corpus'}")
+    assert key in str(info.value).splitlines()[0] and f"full_key: {key}" in str(info.value.__cause__)
 
 
 def test_other_tokenizer_names_are_left_to_autotokenizer() -> None:
@@ -97,6 +111,14 @@ def test_cli_errors_are_messages_not_tracebacks(override: str, expected: str, tm
     assert "Traceback" not in proc.stderr + proc.stdout
     if "Available options" in expected:
         assert "uniform" in proc.stderr or "gpt2_tiny" in proc.stderr
+
+
+@pytest.mark.parametrize(("override", "key"), WRONG_MIXER_SETTINGS)
+def test_cli_refuses_a_wrong_mixer_key_or_type_before_the_corpus(tmp_path: Path, override: str, key: str) -> None:
+    proc = run_cli(override, "dataset=jsonl", f"dataset.path={tmp_path / 'missing'}", "logger=disabled", cwd=tmp_path)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode == 1 and f"full_key: {key}" in out  # Hydra's message, from the composition
+    assert "does not exist" not in out and "Traceback" not in out and not (tmp_path / "outputs").exists()
 
 
 def test_cli_data_errors_are_messages(tmp_path: Path) -> None:

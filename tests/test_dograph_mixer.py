@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from dograph.errors import ConfigError
 from dograph.method.mixer import DoGraphMixer, per_sample_weights
 from dograph.method.objectives import UncertaintyObjective
 from dograph.mixing import StepSignals
@@ -61,11 +60,6 @@ def test_refresh_cadence_defaults_to_one_pass_over_the_buffer() -> None:
     mixer = make_mixer(buffer_size=12)
     refreshes = [s for s in range(12) if "mixer/refresh/step" in mixer.weigh(blobs(s)).metrics]
     assert refreshes == [1, 3, 5, 7, 9, 11]  # 12 / 6 = every 2 steps once full
-
-
-def test_m_larger_than_buffer_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"m=20 is larger than mixer\.buffer_size=8"):
-        make_mixer(m=20, buffer_size=8)
 
 
 def test_fewer_points_than_m_stays_in_warmup() -> None:

@@ -161,7 +161,7 @@ def test_tokens_outside_the_reference_vocabulary_are_refused(tmp_path: Path) -> 
         mixer.weigh(bad)
 
 
-def test_method_constants_and_tokenizers_are_checked_before_any_stage(tmp_path: Path) -> None:
+def test_stages_and_their_tokenizers_are_checked_before_any_stage(tmp_path: Path) -> None:
     node = {"_target_": "baselines.doremi.DoReMiMixer", "mixture_from": "proxy", "eta": 1.0, "eps": 1e-3,
             "proxy_mixture": "equal", "reference_batch_size": 16,
             "reference": {"model": "gpt2_tiny", "max_steps": 2}, "proxy": {"model": "gpt2_tiny", "max_steps": 2}}
@@ -172,14 +172,6 @@ def test_method_constants_and_tokenizers_are_checked_before_any_stage(tmp_path: 
     with pytest.raises(ConfigError, match=r"reference trains with the gpt2 tokenizer and mixer\.proxy with bpe8k"):
         DoReMiMixer.plan_stages({**node, "reference": {"model": "gpt2_small"}})
     DoReMiMixer.plan_stages({**node, "reference": {"model": "gpt2_small", "tokenizer": "bpe8k"}})  # shared: fine
-    with pytest.raises(ConfigError, match=r"mixer\.eta must be a finite number > 0 \(got 0\)"):
-        DoReMiMixer.plan_stages({**node, "eta": 0})
-    with pytest.raises(ConfigError, match=r"mixer\.eps must be a number in \[0, 1\]"):
-        DoReMiMixer.plan_stages({**node, "eps": 2.0})
-    with pytest.raises(ConfigError, match=r"mixer\.proxy_mixture must be one of equal, natural"):
-        DoReMiMixer.plan_stages({**node, "proxy_mixture": "uniform"})
-    with pytest.raises(ConfigError, match=r"mixer: unknown key\(s\) etaa for doremi"):
-        DoReMiMixer.plan_stages({**node, "etaa": 1.0})
 
 
 # ---- the pipeline: reference -> proxy -> main run -------------------------------------------------------
@@ -300,7 +292,7 @@ def test_bad_stage_settings_are_one_line_errors(make_config, tmp_path: Path) -> 
         run_training(make_config("mixer=doremi", out, "mixer.proxy.max_steps=0"), tmp_path / "main")
     with pytest.raises(ConfigError, match=r"^mixer\.proxy: unknown key\(s\) colour for a stage of doremi"):
         run_training(make_config("mixer=doremi", out, "+mixer.proxy.colour=red"), tmp_path / "main")
-    with pytest.raises(ConfigError, match=r"^mixer: unknown key\(s\) etaa for doremi"):
+    with pytest.raises(ConfigError, match=r"^mixer: unknown key\(s\) etaa \(its keys: mixture_from, eta, "):
         run_training(make_config("mixer=doremi", out, "+mixer.etaa=2"), tmp_path / "main")
     assert not (tmp_path / "out" / "stages").exists() or not any((tmp_path / "out" / "stages").rglob("stage.json"))
 

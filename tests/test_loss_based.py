@@ -153,34 +153,6 @@ def test_each_rank_takes_its_rows_by_global_rank(monkeypatch: pytest.MonkeyPatch
         assert out.metrics == {} and mixer.state_dict()["history"]["steps"] == []
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"strategy": "lower"}, r"^mixer\.strategy must be one of mid, upper, linupper, extremes \(got 'lower'\)$"),
-    ({"kl_reg": 0.0}, r"^mixer\.kl_reg must be a number > 0"),
-    ({"kl_reg": -1.0}, r"^mixer\.kl_reg must be a number > 0"),
-    ({"burn_in": -1}, r"^mixer\.burn_in must be an integer >= 0"),
-    ({"burn_in": 2.5}, r"^mixer\.burn_in must be an integer >= 0"),
-    ({"delta": 0.0}, r"^mixer\.delta must be a number > 0"),
-])
-def test_bad_settings_are_one_line_config_errors(kwargs: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message) as info:
-        LossBasedMixer(**kwargs)
-    assert "\n" not in str(info.value)
-
-
-def test_bad_strategy_from_the_config_names_its_key(make_config) -> None:
-    from dograph.runs.app import build_mixer
-
-    cfg = make_config("mixer=loss_based", "mixer.strategy=lower")
-    with pytest.raises(ConfigError, match=r"^mixer\.strategy must be one of"):
-        build_mixer(cfg, _fake_data(), DistContext())
-
-
-def _fake_data():
-    from types import SimpleNamespace
-
-    return SimpleNamespace(corpus=SimpleNamespace(domains=["a", "b"], natural_mixture=[0.5, 0.5]))
-
-
 def _run(mixer: LossBasedMixer, steps: range) -> list[torch.Tensor | None]:
     out = []
     for step in steps:

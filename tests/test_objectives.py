@@ -1,5 +1,5 @@
 """DoGraph's weight objectives (docs/design.md section 2.4): closed forms, feasibility, an independent solver,
-fallback, DPP and no recompilation, config validation.
+fallback, DPP and no recompilation (their settings are checked in tests/test_settings.py).
 
 The reference objectives below are written from the documented formulas, independently of
 the package's numpy code (the graph term through the Laplacian, not the edge list).
@@ -8,14 +8,12 @@ the package's numpy code (the graph term through the Laplacian, not the edge lis
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import cvxpy as cp
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from dograph.errors import ConfigError
 from dograph.method.objectives import (
     AlignmentObjective,
     Objective,
@@ -29,7 +27,6 @@ from dograph.method.objectives import (
 
 CONVEX = (UncertaintyObjective, VarianceObjective, RobustObjective)
 ALL = (*CONVEX, AlignmentObjective)
-CONF = Path(__file__).resolve().parents[1] / "conf" / "objective"
 
 
 def make_inputs(seed: int, m: int, *, inactive: int = 0, dim: int = 8) -> ObjectiveInputs:
@@ -327,32 +324,14 @@ def test_problem_is_dpp_and_not_recompiled(cls: type[Objective], graph: float, p
         assert obj.problem._cache.param_prog is program
 
 
-@pytest.mark.parametrize(("cls", "kwargs", "key"), [
-    (UncertaintyObjective, {"graph_weight": -1}, "objective.graph_weight"),
-    (UncertaintyObjective, {"proximal_weight": float("nan")}, "objective.proximal_weight"),
-    (UncertaintyObjective, {"floor": 1.0}, "objective.floor"),
-    (VarianceObjective, {"floor": -0.1}, "objective.floor"),
-    (VarianceObjective, {"graph_weight": "a lot"}, "objective.graph_weight"),
-    (UncertaintyObjective, {"num_clusters": 0}, "objective.num_clusters"),
-    (UncertaintyObjective, {"eps": 0.0}, "objective.eps"),
-    (UncertaintyObjective, {"solver": "NOPE"}, "objective.solver"),
-    (RobustObjective, {"solver": "OSQP"}, "objective.solver"),
-    (RobustObjective, {"eta": 0}, "objective.eta"),
-    (AlignmentObjective, {"iterations": 0}, "objective.iterations"),
-    (AlignmentObjective, {"iterations": 2.5}, "objective.iterations"),
-])
-def test_bad_config_raises_config_error(cls: type[Objective], kwargs: dict, key: str) -> None:
-    kwargs = {"num_clusters": 4, **kwargs}
-    with pytest.raises(ConfigError, match=key):
-        cls(**kwargs)
-
-
 @pytest.mark.parametrize("name", ["uncertainty", "variance", "robust", "alignment"])
 def test_yaml_instantiates(name: str) -> None:
+    from conftest import compose_config
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    from dograph.config import to_run_config
+
+    cfg = to_run_config(compose_config([f"objective={name}"])).objective  # the composed node, checked
     assert "num_clusters" not in cfg
     obj = instantiate(cfg)(num_clusters=11)
     assert obj.name == name

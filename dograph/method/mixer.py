@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from dograph.method.objectives import Objective, ObjectiveInputs
 from dograph.mixer_history import MixerHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.reporting import markdown_table
+from dograph.settings import Settings, require
 from dograph.step.projection import KroneckerProjector
 from dograph.step.timing import StepTimer
 
@@ -71,6 +73,49 @@ def present_mass_is_usable(cluster_weights: np.ndarray, sizes: np.ndarray) -> bo
 _WEIGHTS, _SKIP, _PLAIN = 0.0, 1.0, 2.0  # what rank 0 decided, broadcast with the weights
 
 
+@dataclass
+class KroneckerSettings(Settings):
+    """``mixer.projection``: the Kronecker projection of per-sample gradients (docs/design.md section 2.1)."""
+
+    key = "mixer.projection"
+    _target_: str  # dograph.step.projection.KroneckerProjector, built by instantiate
+    rank: int  # r per side: r*r dimensions per projected layer
+    out_dim: int | None  # k, the final dense compression; null keeps all L*r*r dimensions
+    include: list[str]  # Linear/Conv1D module-name patterns to project (fnmatch)
+    exclude: list[str]  # patterns left out (after include)
+    dtype: Literal["float32", "bfloat16", "float16"]  # of the projection matrices
+    seed: int  # of the Gaussian matrices: fixed for the run, identical on every rank and after resume
+
+
+@dataclass
+class DoGraphSettings(Settings):
+    """``conf/mixer/dograph.yaml`` (docs/design.md section 2): the values, and where each comes from, are there."""
+
+    _target_: str  # dograph.method.mixer.DoGraphMixer
+    num_clusters: int  # m, the model-centric domains (the root key m)
+    objective: Any  # the selected objective node (conf/objective/*), typed by its own settings class
+    projection: KroneckerSettings  # docs/design.md section 2.1
+    buffer_size: int  # N, the FIFO of projected gradients K-means runs on (>= m)
+    recluster_every: int | None  # steps between K-means refreshes; null: one pass over the buffer (N / B)
+    cluster_on: Literal["direction", "raw"]  # K-means on unit-norm projected gradients, or on the raw ones
+    ema_beta: float  # EMA of the per-cluster statistics, in [0, 1) (docs/design.md section 2.3)
+    kmeans_iterations: int  # Lloyd iterations per restart at the first clustering
+    kmeans_warm_iterations: int  # iterations of a warm-started refresh
+    kmeans_restarts: int  # k-means++ restarts at the first clustering
+    max_consecutive_fallbacks: int  # log an error after this many solver fallbacks in a row (>= 1)
+
+    def check(self) -> None:
+        require(self.buffer_size >= 1, "mixer.buffer_size", "must be >= 1", self.buffer_size)
+        if self.num_clusters > self.buffer_size:
+            raise ConfigError(f"m={self.num_clusters} is larger than mixer.buffer_size={self.buffer_size}: K-means "
+                              "needs at least m buffered gradients (lower m or raise mixer.buffer_size)")
+        require(self.recluster_every is None or self.recluster_every >= 1, "mixer.recluster_every",
+                "must be >= 1 or null", self.recluster_every)
+        require(0.0 <= self.ema_beta < 1.0, "mixer.ema_beta", "must be in [0, 1)", self.ema_beta)
+        require(self.max_consecutive_fallbacks >= 1, "mixer.max_consecutive_fallbacks", "must be >= 1",
+                self.max_consecutive_fallbacks)
+
+
 class DoGraphMixer(Mixer):
     """Model-centric domains as graph nodes, weighted by an auxiliary objective.
 
@@ -81,6 +126,7 @@ class DoGraphMixer(Mixer):
     """
 
     name = "dograph"  # the registered method name (dograph.mixing.MIXERS)
+    settings_class = DoGraphSettings  # conf/mixer/dograph.yaml's schema; checked there, not here
     requires = frozenset({Signal.GRAD_PROJ, Signal.DOMAIN})
 
     def __init__(self, *, num_clusters: int, objective: Callable[..., Objective], projection: KroneckerProjector,
@@ -89,21 +135,6 @@ class DoGraphMixer(Mixer):
                  cluster_on: str = "direction", max_consecutive_fallbacks: int = 10,
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
-        if num_clusters < 1:
-            raise ConfigError(f"m must be >= 1 (got {num_clusters})")
-        if buffer_size < 1:
-            raise ConfigError(f"mixer.buffer_size must be >= 1 (got {buffer_size})")
-        if buffer_size < num_clusters:
-            raise ConfigError(f"m={num_clusters} is larger than mixer.buffer_size={buffer_size}: K-means needs "
-                              "at least m buffered gradients (lower m or raise mixer.buffer_size)")
-        if recluster_every is not None and recluster_every < 1:
-            raise ConfigError(f"mixer.recluster_every must be >= 1 or null (got {recluster_every})")
-        if not 0.0 <= ema_beta < 1.0:
-            raise ConfigError(f"mixer.ema_beta must be in [0, 1) (got {ema_beta})")
-        if cluster_on not in ("raw", "direction"):
-            raise ConfigError(f"mixer.cluster_on must be raw or direction (got {cluster_on!r})")
-        if max_consecutive_fallbacks < 1:
-            raise ConfigError(f"mixer.max_consecutive_fallbacks must be >= 1 (got {max_consecutive_fallbacks})")
         self.cluster_on = cluster_on
         self.m, self.buffer_size, self.recluster_every = num_clusters, buffer_size, recluster_every
         self.ema_beta, self.domains = ema_beta, list(domains)

@@ -2,7 +2,8 @@
 
 ``run.py`` (Hydra) converts the composed config to :class:`RunConfig` and calls
 :func:`run_training`. Mixer and objective nodes arrive as plain dicts with ``_target_``
-and are built with ``hydra.utils.instantiate``, with runtime objects passed as arguments.
+(checked by the method's settings class, ``dograph.settings``) and are built with
+``hydra.utils.instantiate``, with runtime objects passed as arguments.
 """
 
 from __future__ import annotations
@@ -187,8 +188,35 @@ def write_run_info(run_dir: Path, cfg: RunConfig, dist: DistContext, n_params: i
     write_text_atomically(run_dir / "run_info.json", json.dumps(info, indent=2, default=str))  # it decides resumes
 
 
+def settings_lines(label: str, node: dict[str, Any], indent: str = "") -> list[str]:
+    """``label: key=value ...``, then one indented line per nested node (a ``_target_`` node names its class)."""
+    leaves = " ".join(f"{k}={_setting_text(v)}" for k, v in node.items()
+                      if not isinstance(v, dict) and not k.startswith("_"))
+    lines = [f"{indent}{label}: {leaves or '(no settings)'}"]
+    for key, value in node.items():
+        if isinstance(value, dict):
+            target = value.get("_target_")
+            name = getattr(get_class(target), "name", "") if target else ""
+            lines += settings_lines(f"{key} ({name})" if name else key, value, indent + "  ")
+    return lines
+
+
+def _setting_text(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_setting_text(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def print_mixer_settings(cfg: RunConfig) -> None:
+    """The mixer's effective settings, once at start: what the yaml files, model_mixer and the command made of them."""
+    print("\n".join(settings_lines(f"mixer {method_name(cfg)}", dict(cfg.mixer))))
+
+
 def dry_run(cfg: RunConfig) -> None:
     """``trainer.max_steps=0``: build the model only (on the meta device: no memory) and print its size."""
+    print_mixer_settings(cfg)
     vocab = tokenizer_vocab_size(cfg.tokenizer)  # a pretrained tokenizer is loaded for its size
     with torch.device("meta"):
         model = build_model(cfg.model, vocab, seed=cfg.seed)
@@ -225,6 +253,8 @@ def run_training(cfg: RunConfig, run_dir: Path) -> TrainResult | None:
     dist = init_distributed(cfg.trainer.device)
     try:
         cls = mixer_class(cfg)
+        if dist.is_main:
+            print_mixer_settings(cfg)
         specs = cls.plan_stages(dict(cfg.mixer))
         sweep = None
         if cls.has_sweep:

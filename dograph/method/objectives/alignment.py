@@ -7,18 +7,20 @@ terms then enter through a small projection QP (see :class:`AlignmentObjective`)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cvxpy as cp
 import numpy as np
 
 from dograph.method.objectives.base import (
     Objective,
     ObjectiveInputs,
+    ObjectiveSettings,
     Stats,
-    as_float,
-    as_int,
     normalise_weights,
     uniform_over,
 )
+from dograph.settings import require, require_number
 
 
 def alignment_fixed_point(means: np.ndarray, active: np.ndarray, iterations: int,
@@ -47,6 +49,19 @@ def alignment_fixed_point(means: np.ndarray, active: np.ndarray, iterations: int
     return w
 
 
+@dataclass
+class AlignmentSettings(ObjectiveSettings):
+    """``conf/objective/alignment.yaml``: the shared keys and the fixed point's ``iterations`` and ``tol``."""
+
+    iterations: int  # fixed-point iterations from uniform weights, >= 1
+    tol: float  # stop iterating early when no weight moves more than this, >= 0
+
+    def check(self) -> None:
+        super().check()
+        require(self.iterations >= 1, "objective.iterations", "must be >= 1", self.iterations)
+        require_number(self.tol, "objective.tol", low=0)
+
+
 class AlignmentObjective(Objective):
     """Alignment weights (docs/design.md section 2.4) made feasible by a projection QP (our choice).
 
@@ -59,6 +74,7 @@ class AlignmentObjective(Objective):
     """
 
     name = "alignment"
+    settings_class = AlignmentSettings
     uses = ("means",)
 
     def __init__(self, *, num_clusters: int, iterations: int = 10, graph_weight: float = 0.1,
@@ -68,8 +84,7 @@ class AlignmentObjective(Objective):
         paper's "a few": on clustered gradients it converges in 2-5); ``tol``: early stop
         when no weight moves more than this. Other arguments: see :class:`Objective`.
         """
-        self.iterations = as_int(iterations, "iterations")
-        self.tol = as_float(tol, "tol")
+        self.iterations, self.tol = int(iterations), float(tol)
         super().__init__(num_clusters=num_clusters, graph_weight=graph_weight,
                          proximal_weight=proximal_weight, floor=floor, solver=solver, eps=eps)
 

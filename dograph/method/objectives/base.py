@@ -56,12 +56,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import ClassVar, Literal, get_args
 
 import cvxpy as cp
 import numpy as np
 
-from dograph.errors import ConfigError
+from dograph.settings import Settings, require, require_number
 
 logger = logging.getLogger(__name__)
 
@@ -111,32 +111,34 @@ class SolverFailure(RuntimeError):
 NUMERICAL_ERRORS = (SolverFailure, cp.error.SolverError, ArithmeticError, np.linalg.LinAlgError)
 
 
-def config_check(cond: bool, key: str, message: str, value: Any) -> None:
-    """Raise :class:`ConfigError` naming ``objective.<key>`` unless ``cond`` holds."""
-    if not cond:
-        raise ConfigError(f"objective.{key} {message} (got {value!r})")
+QPSolver = Literal["CLARABEL", "OSQP", "SCS"]  # the solvers of the quadratic objectives (objective.solver)
 
 
-def as_float(value: Any, key: str, *, low: float = 0.0, high: float = math.inf,
-             low_open: bool = False, high_open: bool = False) -> float:
-    """Validate a finite real hyperparameter in the interval ``low .. high``."""
-    ok_type = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    config_check(ok_type, key, "must be a number", value)
-    value = float(value)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    lo_text = f"> {low}" if low_open else f">= {low}"
-    hi_text = "finite" if math.isinf(high) else (f"< {high}" if high_open else f"<= {high}")
-    config_check(math.isfinite(value) and above and below, key, f"must be {lo_text} and {hi_text}", value)
-    return value
+@dataclass
+class ObjectiveSettings(Settings):
+    """The keys every ``conf/objective/*.yaml`` shares (docs/design.md section 2.4; see the module doc).
 
+    Each objective's settings class adds its own keys and, where it needs another cone, its solvers.
+    """
 
-def as_int(value: Any, key: str, *, low: int = 1) -> int:
-    """Validate an integer hyperparameter ``>= low``."""
-    ok_type = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    config_check(ok_type, key, "must be an integer", value)
-    config_check(value >= low, key, f"must be >= {low}", value)
-    return int(value)
+    key = "objective"
+    _target_: str  # the objective's class, built by the mixer with num_clusters=m
+    _partial_: bool  # true: the mixer completes the object
+    graph_weight: float  # lambda_g of lambda_g * w^T Lap w, relative to the objective's curvature (>= 0)
+    proximal_weight: float  # tau of tau * ||w - w_prev||^2, relative to the objective's curvature (>= 0)
+    floor: float  # w_k >= floor / (number of active clusters), in [0, 1)
+    solver: QPSolver  # the CVXPY solver (it must be installed)
+
+    def check(self) -> None:
+        require_number(self.graph_weight, "objective.graph_weight", low=0)
+        require_number(self.proximal_weight, "objective.proximal_weight", low=0)
+        require_number(self.floor, "objective.floor", low=0, high=1, high_open=True)
+        require(self.solver in cp.installed_solvers(), "objective.solver", "is not installed", self.solver)
+
+    @staticmethod
+    def check_eps(eps: float) -> None:
+        """``eps``, the relative floor of normalised statistics: in (0, 1)."""
+        require_number(eps, "objective.eps", low=0, high=1, low_open=True, high_open=True)
 
 
 def edge_incidence(m: int) -> np.ndarray:
@@ -204,23 +206,22 @@ class Objective(ABC):
     """
 
     name: ClassVar[str] = "objective"
-    supported_solvers: ClassVar[tuple[str, ...]] = ("CLARABEL", "OSQP", "SCS")
+    settings_class: ClassVar[type[ObjectiveSettings]]  # the schema of conf/objective/<name>.yaml (checked there)
+    supported_solvers: ClassVar[tuple[str, ...]] = get_args(QPSolver)  # the first is the default
     uses: ClassVar[tuple[str, ...]] = ()  # ObjectiveInputs fields the objective term reads
 
     def __init__(self, *, num_clusters: int, graph_weight: float = 0.1, proximal_weight: float = 0.1,
                  floor: float = 0.1, solver: str | None = None, eps: float = 1e-4) -> None:
-        """Validate the hyperparameters and build the parametrised CVXPY problem once.
+        """Build the parametrised CVXPY problem once (the settings are checked by :class:`ObjectiveSettings`).
 
         ``eps``: relative floor of normalised statistics (``s2_k``, ``||mu_k||`` divided by
         their active mean), so a zero-variance cluster gets a finite weight 1/eps times an
         average one and the QP's condition number stays <= 1/eps (our choice).
         """
-        self.num_clusters = as_int(num_clusters, "num_clusters")
-        self.graph_weight = as_float(graph_weight, "graph_weight")
-        self.proximal_weight = as_float(proximal_weight, "proximal_weight")
-        self.floor = as_float(floor, "floor", high=1.0, high_open=True)
-        self.eps = as_float(eps, "eps", low_open=True, high=1.0, high_open=True)
-        self.solver = self._check_solver(solver)
+        self.num_clusters = num_clusters
+        self.graph_weight, self.proximal_weight = float(graph_weight), float(proximal_weight)
+        self.floor, self.eps = float(floor), float(eps)
+        self.solver = self.supported_solvers[0] if solver is None else str(solver).upper()
         self._solver_options = dict(_SOLVER_OPTIONS.get(self.solver, {}))
         self._incidence = edge_incidence(self.num_clusters)
         self._pair_rows, self._pair_cols = np.triu_indices(self.num_clusters, 1)  # E's row order
@@ -230,13 +231,6 @@ class Objective(ABC):
     def problem(self) -> cp.Problem:
         """The parametrised CVXPY problem (built once; DPP)."""
         return self._problem
-
-    def _check_solver(self, solver: str | None) -> str:
-        name = self.supported_solvers[0] if solver is None else str(solver).upper()
-        config_check(name in self.supported_solvers, "solver",
-                     f"must be one of {', '.join(self.supported_solvers)} for {self.name}", solver)
-        config_check(name in cp.installed_solvers(), "solver", "is not installed", solver)
-        return name
 
     def _build_problem(self) -> cp.Problem:
         """Objective term + graph + proximal terms under simplex, floor and mask constraints."""

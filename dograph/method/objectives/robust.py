@@ -6,10 +6,28 @@ terms) ``w = softmax(eta * L)``: clusters the model finds hard get more weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, get_args
+
 import cvxpy as cp
 import numpy as np
 
-from dograph.method.objectives.base import Objective, ObjectiveInputs, Stats, as_float
+from dograph.method.objectives.base import Objective, ObjectiveInputs, ObjectiveSettings, Stats
+from dograph.settings import require_number
+
+ConeSolver = Literal["CLARABEL", "SCS"]  # the entropy needs an exponential cone
+
+
+@dataclass
+class RobustSettings(ObjectiveSettings):
+    """``conf/objective/robust.yaml``: the shared keys (solvers with an exponential cone) and ``eta``."""
+
+    solver: ConeSolver  # the CVXPY solver (it must be installed)
+    eta: float  # inverse temperature per nat of loss: softmax(eta * L), > 0
+
+    def check(self) -> None:
+        super().check()
+        require_number(self.eta, "objective.eta", low=0, low_open=True)
 
 
 class RobustObjective(Objective):
@@ -30,7 +48,8 @@ class RobustObjective(Objective):
     """
 
     name = "robust"
-    supported_solvers = ("CLARABEL", "SCS")
+    settings_class = RobustSettings
+    supported_solvers = get_args(ConeSolver)
     uses = ("losses",)
 
     def __init__(self, *, num_clusters: int, eta: float = 1.0, graph_weight: float = 0.1,
@@ -40,7 +59,7 @@ class RobustObjective(Objective):
         (our choice: a cluster 1 nat harder gets e times the weight; the paper gives none).
         Other arguments: see :class:`Objective`.
         """
-        self.eta = as_float(eta, "eta", low_open=True)
+        self.eta = float(eta)
         super().__init__(num_clusters=num_clusters, graph_weight=graph_weight,
                          proximal_weight=proximal_weight, floor=floor, solver=solver, eps=eps)
 

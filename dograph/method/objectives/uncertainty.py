@@ -6,10 +6,29 @@ minimise ``sum_k s2_k w_k^2`` (+ graph and proximal terms, see :mod:`.base`), wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cvxpy as cp
 import numpy as np
 
-from dograph.method.objectives.base import Objective, ObjectiveInputs, Stats, normalise_by_active_mean
+from dograph.method.objectives.base import (
+    Objective,
+    ObjectiveInputs,
+    ObjectiveSettings,
+    Stats,
+    normalise_by_active_mean,
+)
+
+
+@dataclass
+class UncertaintySettings(ObjectiveSettings):
+    """``conf/objective/uncertainty.yaml``: the shared keys and ``eps``."""
+
+    eps: float  # relative floor of s2_k / mean(s2), in (0, 1): a zero-variance cluster stays finite
+
+    def check(self) -> None:
+        super().check()
+        self.check_eps(self.eps)
 
 
 class UncertaintyObjective(Objective):
@@ -22,6 +41,7 @@ class UncertaintyObjective(Objective):
     """
 
     name = "uncertainty"
+    settings_class = UncertaintySettings
     uses = ("variances",)
 
     def _main_term(self, w: cp.Variable) -> tuple[cp.Expression, list[cp.Constraint]]:

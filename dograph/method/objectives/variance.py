@@ -9,10 +9,29 @@ every cluster then contributes an update of equal norm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cvxpy as cp
 import numpy as np
 
-from dograph.method.objectives.base import Objective, ObjectiveInputs, Stats, normalise_by_active_mean
+from dograph.method.objectives.base import (
+    Objective,
+    ObjectiveInputs,
+    ObjectiveSettings,
+    Stats,
+    normalise_by_active_mean,
+)
+
+
+@dataclass
+class VarianceSettings(ObjectiveSettings):
+    """``conf/objective/variance.yaml``: the shared keys and ``eps``."""
+
+    eps: float  # relative floor of ||mu_k|| / mean ||mu||, in (0, 1): a zero-norm cluster stays finite
+
+    def check(self) -> None:
+        super().check()
+        self.check_eps(self.eps)
 
 
 class VarianceObjective(Objective):
@@ -36,6 +55,7 @@ class VarianceObjective(Objective):
     """
 
     name = "variance"
+    settings_class = VarianceSettings
     uses = ("means", "mean_grad", "batch_means")
 
     def _main_term(self, w: cp.Variable) -> tuple[cp.Expression, list[cp.Constraint]]:
