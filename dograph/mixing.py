@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from dograph.runs.pipeline import StageSpec
     from dograph.runs.sweep import SweepSpec
-    from dograph.step.projection import Projector
+    from dograph.step.projection import KroneckerProjector
 
 
 class Signal(StrEnum):
@@ -107,7 +107,7 @@ class Mixer(ABC):
         register_mixer(cls)
 
     @property
-    def projector(self) -> Projector | None:
+    def projector(self) -> KroneckerProjector | None:
         """The per-sample-gradient projector, for mixers that require GRAD_PROJ."""
         return None
 
