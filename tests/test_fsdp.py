@@ -202,12 +202,16 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
                       lr_at=lambda step: 0.05, num_domains=3, sharded=world > 1)
     runner = build_step_runner(ctx, update)
     optimizer = build_optimizer(model, TrainerConfig(lr=1e-3))
-    projected = [0]
-    project = LayerProjection.project
+    projected = [0, 0]  # A S products (forward hooks), blocks combined with the output-grads (backward hooks)
+    project_inputs, combine = LayerProjection.project_inputs, LayerProjection.combine
+
+    def counting_inputs(self, *args, **kwargs):
+        projected[0] += 1
+        return project_inputs(self, *args, **kwargs)
 
     def counting(self, *args, **kwargs):
-        projected[0] += 1
-        return project(self, *args, **kwargs)
+        projected[1] += 1
+        return combine(self, *args, **kwargs)
 
     import dograph.step.capture as capture
 
@@ -219,7 +223,7 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
             super().__init__(*args, **kwargs)
             captured[0] += 1
 
-    LayerProjection.project, capture._Call = counting, CountingCall
+    LayerProjection.project_inputs, LayerProjection.combine, capture._Call = counting_inputs, counting, CountingCall
     records = []
     try:
         for step in range(STEPS):
@@ -230,8 +234,8 @@ def _fsdp_steps(rank: int, world: int, port: int, kind: str, out_dir: str, micro
             records.append({"params": {n: _full(p) for n, p in model.named_parameters()}, "norm": _full(norm),
                             "loss": result.loss.clone(), "reweighted": result.weights is not None})
     finally:
-        LayerProjection.project, capture._Call = project, call_class
-    torch.save({"steps": records, "projected": projected[0], "captured": captured[0]},
+        LayerProjection.project_inputs, LayerProjection.combine, capture._Call = project_inputs, combine, call_class
+    torch.save({"steps": records, "projected": projected[1], "inputs_projected": projected[0], "captured": captured[0]},
                f"{out_dir}/{kind}_{update}_rank{rank}_world{world}_micro{micro}_ckpt{int(checkpointed)}.pt")
     leave_gloo(world)
 
@@ -287,6 +291,7 @@ def test_fsdp_checkpointed_dograph_projects_each_layer_once(tmp_path: Path, upda
     single, ranks = _compare(tmp_path, "dograph", 1, checkpointed=True, update=update)
     # each rank projects its half of the samples' layers once per step, like the unsharded process
     assert ranks[0]["projected"] == ranks[1]["projected"] == single["projected"] > 0
+    assert ranks[0]["inputs_projected"] == single["inputs_projected"] == single["projected"]  # not recomputed
     assert ranks[0]["captured"] == ranks[1]["captured"] == single["captured"] > 0  # forward hooks kept once
 
 
