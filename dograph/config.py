@@ -21,23 +21,18 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 
 from dograph.errors import ConfigError
-from dograph.settings import omegaconf_schema, validated_node
-
-
-def _require(cond: bool, key: str, message: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{key} {message} (got {value!r})")
+from dograph.settings import omegaconf_schema, require, validated_node
 
 
 def _require_positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None:
-            _require(value > 0, f"{prefix}.{name}", "must be > 0", value)
+            require(value > 0, f"{prefix}.{name}", "must be > 0", value)
 
 
 def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
+    require(value in choices, key, f"must be one of {', '.join(choices)}", value)
 
 
 BPE_TOKENIZER = re.compile(r"^bpe(\d+)k$")  # a byte-level BPE of N*1024 entries trained on the corpus
@@ -46,9 +41,9 @@ SEED_LIMIT = 2**32  # numpy's seed range: seeds are in [0, 2**32)
 
 def _check_tokenizer(name: str) -> None:
     """``gpt2``, ``bpe<N>k`` with N >= 1, or any other non-empty name (a tokenizer directory or hub id)."""
-    _require(bool(name.strip()), "tokenizer", "must be gpt2, bpe<N>k, a tokenizer directory or a hub name", name)
+    require(bool(name.strip()), "tokenizer", "must be gpt2, bpe<N>k, a tokenizer directory or a hub name", name)
     bpe = BPE_TOKENIZER.match(name)
-    _require(bpe is None or int(bpe.group(1)) >= 1, "tokenizer",
+    require(bpe is None or int(bpe.group(1)) >= 1, "tokenizer",
              "bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k)", name)
 
 
@@ -73,7 +68,7 @@ class ModelConfig:
         _require_choice(self.family, "model.family", ("gpt2", "llama"))
         _require_positive(self, "model", ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
                                           "max_position_embeddings"))
-        _require(self.d_model % self.n_head == 0, "model.d_model",
+        require(self.d_model % self.n_head == 0, "model.d_model",
                  f"must be divisible by model.n_head={self.n_head}", self.d_model)
 
 
@@ -98,14 +93,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_choice(self.source, "dataset.source", ("embedded", "jsonl", "hf"))
-        _require(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", "must be in (0, 1)",
+        require(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", "must be in (0, 1)",
                  self.val_fraction)
         _require_positive(self, "dataset", ("val_sequences_per_domain", "min_domains"))
         if self.source in ("jsonl", "hf"):
-            _require(bool(self.path), "dataset.path", f"must be set for dataset.source={self.source}",
+            require(bool(self.path), "dataset.path", f"must be set for dataset.source={self.source}",
                      self.path)
         if self.natural_mixture is not None:
-            _require(all(v >= 0 for v in self.natural_mixture.values())
+            require(all(v >= 0 for v in self.natural_mixture.values())
                      and sum(self.natural_mixture.values()) > 0,
                      "dataset.natural_mixture", "must be non-negative with a positive sum",
                      self.natural_mixture)
@@ -144,13 +139,13 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
 
     def __post_init__(self) -> None:
-        _require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0", self.max_steps)
+        require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0", self.max_steps)
         _require_positive(self, "trainer", ("batch_size", "micro_batch_size", "seq_len",
                                             "eval_batch_size", "log_every", "keep_checkpoints"))
-        _require(self.lr > 0, "trainer.lr", "must be > 0", self.lr)
-        _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", "must be in [0, trainer.lr]", self.min_lr)
+        require(self.lr > 0, "trainer.lr", "must be > 0", self.lr)
+        require(0 <= self.min_lr <= self.lr, "trainer.min_lr", "must be in [0, trainer.lr]", self.min_lr)
         for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "prefetch"):
-            _require(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0", getattr(self, name))
+            require(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0", getattr(self, name))
         _require_choice(self.precision, "trainer.precision", ("auto", "fp32", "bf16"))
         _require_choice(self.device, "trainer.device", ("auto", "cpu", "cuda"))
         _require_choice(self.weighted_update, "trainer.weighted_update", ("auto", "fast", "two_pass"))
@@ -159,7 +154,7 @@ class TrainerConfig:
             # the one-backward update keeps every layer's inputs and output-grads until the step is weighed,
             # which is the memory activation checkpointing is asked to save (docs/design.md section 2.5)
             self.weighted_update = "two_pass" if self.activation_checkpointing else "fast"
-        _require(not (self.parallelism == "fsdp" and self.compile), "trainer.compile",
+        require(not (self.parallelism == "fsdp" and self.compile), "trainer.compile",
                  "is not supported with trainer.parallelism=fsdp (set trainer.compile=false)", self.compile)
 
 
@@ -193,11 +188,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.tasks, str):  # one name (paper9 among them) or a list of names
-            _require(isinstance(self.tasks, list | tuple) and all(isinstance(t, str) and t for t in self.tasks),
+            require(isinstance(self.tasks, list | tuple) and all(isinstance(t, str) and t for t in self.tasks),
                      "eval.tasks", "must be paper9 or a list of lm-eval task names", self.tasks)
             self.tasks = list(self.tasks)
-        _require(self.tasks != "", "eval.tasks", "must be paper9 or a list of lm-eval task names", self.tasks)
-        _require(self.num_fewshot >= 0, "eval.num_fewshot", "must be >= 0", self.num_fewshot)
+        require(self.tasks != "", "eval.tasks", "must be paper9 or a list of lm-eval task names", self.tasks)
+        require(self.num_fewshot >= 0, "eval.num_fewshot", "must be >= 0", self.num_fewshot)
         _require_positive(self, "eval", ("limit", "batch_size", "local_items"))
 
     @property
@@ -234,18 +229,18 @@ class RunConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(self.m >= 1, "m", "must be >= 1", self.m)
-        _require(0 <= self.seed < SEED_LIMIT, "seed", "must be in [0, 2**32) (numpy's seed range)", self.seed)
+        require(self.m >= 1, "m", "must be >= 1", self.m)
+        require(0 <= self.seed < SEED_LIMIT, "seed", "must be in [0, 2**32) (numpy's seed range)", self.seed)
         _check_tokenizer(self.tokenizer)
         self.objective = validated_node(self.objective)  # a composed node: checked, then a plain dict
         self.mixer = validated_node(self.mixer)
-        _require(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true",
+        require(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true",
                  self.resume)
         # rank 0 alone runs lm-eval after training; a sharded model needs every rank in its forward
-        _require(not (self.trainer.parallelism == "fsdp" and self.eval.task_names), "eval.tasks",
+        require(not (self.trainer.parallelism == "fsdp" and self.eval.task_names), "eval.tasks",
                  "cannot run after training with trainer.parallelism=fsdp: evaluate the exported model later "
                  "with python -m dograph.eval RUN_DIR", self.eval.tasks)
-        _require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
+        require(self.trainer.seq_len <= self.model.max_position_embeddings, "trainer.seq_len",
                  f"must be <= model.max_position_embeddings={self.model.max_position_embeddings}",
                  self.trainer.seq_len)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dograph.config import BPE_TOKENIZER
 from dograph.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -35,7 +35,6 @@ GPT2_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 GPT2_VOCAB_SIZE = 50257
-_BPE_NAME = re.compile(r"^bpe(\d+)k$")
 
 
 NO_HUB_HINT = ("no network: use tokenizer=gpt2, tokenizer=bpe<N>k or tokenizer=DIR (a tokenizer saved with "
@@ -44,7 +43,7 @@ NO_HUB_HINT = ("no network: use tokenizer=gpt2, tokenizer=bpe<N>k or tokenizer=D
 
 def is_pretrained(name: str) -> bool:
     """A Hugging Face tokenizer (a directory or a hub name), not one of the project's own."""
-    return name != "gpt2" and _BPE_NAME.match(name) is None
+    return name != "gpt2" and BPE_TOKENIZER.match(name) is None
 
 
 def tokenizer_vocab_size(name: str) -> int:
@@ -53,7 +52,7 @@ def tokenizer_vocab_size(name: str) -> int:
         return GPT2_VOCAB_SIZE
     if is_pretrained(name):
         return len(pretrained_tokenizer(name))
-    size = int(_BPE_NAME.match(name).group(1)) * 1024
+    size = int(BPE_TOKENIZER.match(name).group(1)) * 1024
     if size < 1:
         raise ConfigError(f"tokenizer bpe<N>k needs N >= 1 (a BPE of N*1024 entries, e.g. bpe8k) (got {name!r})")
     return size

@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import subprocess
 import time
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dograph.config import DataConfig, ModelConfig, RunConfig, TrainerConfig, load_group_option
+from dograph.data.tokenizer import is_pretrained
 from dograph.distributed import DistContext, all_gather_objects, barrier, from_main
 from dograph.errors import ConfigError, DataError, DographError
 
@@ -61,7 +61,6 @@ T = TypeVar("T")
 STAGE_FORMAT_VERSION = 1
 MARKER = "stage.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILTIN_TOKENIZER = re.compile(r"^(gpt2|bpe\d+k)$")
 # files of a tokenizer directory that no tokenizer reads (a model directory's weights): not hashed
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 STAGE_KEYS = ("model", "trainer", "tokenizer", "seed")
@@ -214,7 +213,7 @@ def tokenizer_fingerprint(name: str) -> str:
     sha256 of its files (small; a copy elsewhere keeps the key; model weights are left out); any
     other name (a hub id) by the name.
     """
-    if BUILTIN_TOKENIZER.match(name):
+    if not is_pretrained(name):
         from dograph.data.builder import TOKENIZER_SAMPLE_VERSION
 
         return name if name == "gpt2" else f"{name}:{TOKENIZER_SAMPLE_VERSION}"
@@ -233,7 +232,7 @@ def tokenizer_fingerprint(name: str) -> str:
 def tokenizer_key_name(name: str) -> str:
     """The tokenizer as the stage key names it: a directory or file by ``path`` (its contents are
     fingerprinted beside it, so moving or copying it keeps the key), anything else by its name."""
-    return "path" if not BUILTIN_TOKENIZER.match(name) and Path(os.path.expanduser(name)).exists() else name
+    return "path" if is_pretrained(name) and Path(os.path.expanduser(name)).exists() else name
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
