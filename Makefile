@@ -11,6 +11,8 @@ TORCH_CPU := torch==2.13.0
 PYTEST_FLAGS ?=
 # Paper artifacts: `make table1 SCALE=smoke|cpu|paper` (conf/reproduce/<scale>.yaml); `make paper` builds them all.
 SCALE ?= smoke
+# BUDGET=100m trains only the missing runs that fit (priority order; the same command continues); JOBS=2 side by side.
+REPRODUCE_FLAGS = $(if $(BUDGET),--budget $(BUDGET)) $(if $(JOBS),--jobs $(JOBS))
 ARTIFACTS := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 \
 	figure1 figure2 figure3 figure4 figure5
 
@@ -54,11 +56,11 @@ gpu-wheels:  ## Download the wheels an offline CUDA machine lacks into .gpu_whee
 bench-gpu:  ## Every GPU measurement in one JSON + Markdown report, under 8 minutes (CPU shapes without CUDA)
 	bash benchmarks/gpu.sh run
 
-paper: $(STAMP)  ## Every paper table and figure at SCALE=smoke|cpu|paper into results/$(SCALE)/ (trains what is missing)
-	$(PY) -m experiments.reproduce paper --scale $(SCALE)
+paper: $(STAMP)  ## Every paper table and figure at SCALE=smoke|cpu|paper into results/$(SCALE)/ (trains what is missing; BUDGET=100m JOBS=2)
+	$(PY) -m experiments.reproduce paper --scale $(SCALE) $(REPRODUCE_FLAGS)
 
 $(ARTIFACTS): $(STAMP)  ## (make table1 ... table10, figure1 ... figure5 SCALE=...) one paper artifact
-	$(PY) -m experiments.reproduce $@ --scale $(SCALE)
+	$(PY) -m experiments.reproduce $@ --scale $(SCALE) $(REPRODUCE_FLAGS)
 
 clean-results:  ## Remove the runs and artifacts of SCALE (outputs/reproduce/$(SCALE), results/$(SCALE))
 	rm -rf outputs/reproduce/$(SCALE) results/$(SCALE)

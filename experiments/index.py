@@ -4,10 +4,16 @@ A run directory is any directory holding ``run_info.json`` (written when a run s
 a ``stages/`` tree (a method's stages are costs of its main run, read from ``stages.json``).
 A run is ``complete`` when it holds ``summary.json`` (written after the final evaluation);
 otherwise it is ``incomplete`` (crashed, killed or still running) and artifacts skip it.
+A run **record** (``experiments.records``: the committed copy of a completed run, with
+``record.json``) is read the same way. When a live run and a record are the same run (same
+fingerprint and completion time), the live one is kept (it has the checkpoints) and names its
+record in the ``record`` column.
 
 Columns (a missing value is NaN / None):
-  run_dir, status, method, model, dataset, objective, trainer, m, seed, tags, max_steps,
-  fingerprint (of the run's command-line overrides, ``run_info.json``; None without Hydra),
+  run_dir, source ("run" | "record"), record (the record of a live run), status,
+  method, model, dataset, objective, trainer, m, seed, tags, max_steps,
+  fingerprint (of the run's command-line overrides, ``run_info.json``; None without Hydra), overrides,
+  wall_s (the run's process seconds, when ``experiments.runs.train_missing`` trained it),
   completed_at (Unix seconds: ``summary.json``'s ``completed_at``, else its modification time),
   steps, tokens_seen, train_time_s (training only), eval_time_s, ckpt_time_s (validation and
   checkpoint seconds of the main run), stage_time_s (the stages' training seconds), stages,
@@ -42,6 +48,8 @@ FORMER_TARGETS = {"dograph.dograph_mixer.DoGraphMixer": "dograph"}
 TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", "mixer/time_projection_s")
 IDENTITY = ("method", "model", "dataset", "objective", "m", "seed")
 TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds: training, validation, checkpoints
+RECORD_FILE = "record.json"  # marks a run record (experiments.records)
+LAUNCH_FILE = "launch.json"  # the scheduler's wall seconds of a run it trained (experiments.runs)
 
 
 def _read_json(path: Path) -> Any:
@@ -52,7 +60,12 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _hydra_choices(run_dir: Path) -> dict[str, str]:
+def hydra_choices(run_dir: Path) -> dict[str, str]:
+    """Hydra's config-group choices of a run (``.hydra/hydra.yaml``), or those its record kept."""
+    record = run_dir / RECORD_FILE
+    if record.exists():
+        meta = _read_json(record)
+        return dict(meta.get("choices") or {}) if isinstance(meta, dict) else {}
     path = run_dir / ".hydra" / "hydra.yaml"
     if not path.exists():
         return {}
@@ -108,11 +121,13 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
         return None
     cfg = info["config"]
-    choices = _hydra_choices(run_dir)
+    choices = hydra_choices(run_dir)
     mixer = cfg.get("mixer") or {}
     target = str(mixer.get("_target_", ""))
+    launch = _read_json(run_dir / LAUNCH_FILE) if (run_dir / LAUNCH_FILE).exists() else None
     row: dict[str, Any] = {
         "run_dir": str(run_dir),
+        "source": "record" if (run_dir / RECORD_FILE).exists() else "run",
         "method": choices.get("mixer") or method_of_target(target),
         "model": choices.get("model", "?"),
         "dataset": choices.get("dataset", (cfg.get("dataset") or {}).get("name", "?")),
@@ -124,6 +139,8 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
         "max_steps": (cfg.get("trainer") or {}).get("max_steps"),
         "parameters": info.get("parameters"),
         "fingerprint": info.get("fingerprint"),
+        "overrides": info.get("overrides"),
+        "wall_s": launch.get("wall_s") if isinstance(launch, dict) else None,
     }
     last_eval, timings = _read_metrics(run_dir)
     row.update(timings)
@@ -186,12 +203,28 @@ def find_run_dirs(roots: Iterable[Path]) -> list[Path]:
 
 
 def build_index(roots: Iterable[Path]) -> pd.DataFrame:
-    """Every run under ``roots`` as one row (see the module docstring for the columns)."""
-    rows = [row for d in find_run_dirs(roots) if (row := read_run(d)) is not None]
+    """Every run and record under ``roots`` as one row (see the module docstring for the columns)."""
+    rows = _merge_records([row for d in find_run_dirs(roots) if (row := read_run(d)) is not None])
     frame = pd.DataFrame(rows)
     if frame.empty:
         frame = pd.DataFrame(columns=["run_dir", "status", *IDENTITY, "fingerprint"])
     return frame
+
+
+def _merge_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop a record whose run is also here live (same fingerprint, same completion), naming it on the live row."""
+    live = {(r.get("fingerprint"), r.get("completed_at")): r for r in rows
+            if r["source"] == "run" and r["status"] == "complete"}
+    out = []
+    for row in rows:
+        twin = live.get((row.get("fingerprint"), row.get("completed_at"))) if row["source"] == "record" else None
+        if twin is not None:
+            twin["record"] = row["run_dir"]
+            if twin.get("wall_s") is None:
+                twin["wall_s"] = row.get("wall_s")
+            continue
+        out.append(row)
+    return out
 
 
 def complete(index: pd.DataFrame) -> pd.DataFrame:

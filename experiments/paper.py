@@ -40,3 +40,8 @@ _ALL: tuple[Artifact, ...] = (
                        setting="slimpajama_medium"),
 )
 ARTIFACTS: dict[str, Artifact] = {artifact.name: artifact for artifact in _ALL}
+
+# The order in which a budgeted ``reproduce`` trains missing runs: the method comparison (Tables 1-2, Figure 5)
+# first, then DoGraph's ablations, then the second model family; the other artifacts' runs after, in table order.
+TRAINING_PRIORITY = ("table2", "table1", "figure5", "figure4", "table10", "figure1", "figure3", "table3", "table4",
+                     "figure2")

@@ -66,13 +66,17 @@ def _tex(cell: Any) -> str:
 
 def save_figure(fig: Any, out_dir: Path, name: str, data: dict[str, Any] | None = None) -> list[Path]:
     """``<name>.png`` (150 dpi) and ``<name>.pdf``, and each plotted frame of ``data`` as ``<name>_<key>.csv``
-    (so a notebook can redraw it); closes the figure."""
+    (so a notebook can redraw it); closes the figure.
+
+    Both files carry no creation date, so the same points give the same bytes (committed results are
+    rebuilt and compared byte for byte).
+    """
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     plt.close(fig)
     for key, frame in (data or {}).items():
         paths.append(out_dir / f"{name}_{key}.csv")

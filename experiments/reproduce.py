@@ -1,25 +1,35 @@
 """Regenerate paper artifacts at a scale: ``python -m experiments.reproduce table1 figure2 ... --scale smoke``.
 
 For the named artifacts of ``experiments.paper`` (``paper`` = all of them) it gathers the runs they
-need, finds them in the results index of the scale's runs root, trains the missing ones (scales
-with ``launch: train``) or prints the Hydra multiruns that make them (``launch: print``), then
-builds every artifact from the runs that exist into ``results/<scale>/`` and writes the index
-there (``index.csv``).
+need, finds them in the results index of the scale's runs root and its committed run records
+(``results/<scale>/runs/``), trains the missing ones in priority order (scales with ``launch:
+train``; ``--jobs`` side by side, ``--budget`` bounds the time and the same command continues) or
+prints the Hydra multiruns that make them (``launch: print``), records each run that completes,
+then builds every artifact from the runs that exist into ``results/<scale>/`` and writes the runs
+it read there (``index.csv``). The last line says how many of the runs exist.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
+
 from experiments.artifact import Artifact, NothingToPlot
-from experiments.index import build_index
-from experiments.paper import ARTIFACTS
+from experiments.index import IDENTITY, build_index, complete
+from experiments.paper import ARTIFACTS, TRAINING_PRIORITY
+from experiments.records import portable, record_missing, records_root, stale_records, write_record
 from experiments.runs import describe_missing, missing_runs, relative, train_missing
-from experiments.scale import SCALES, RunRequest, Scale, load_scale
+from experiments.scale import SCALES, RunRequest, Scale, load_scale, rows_for
+
+UNKNOWN_RUN_S = 900.0  # the estimate of a run with no measured run of its model yet (15 minutes)
+LOCAL_COLUMNS = ("source", "record", "overrides")  # index columns that depend on where the runs are read from
 
 
 def artifacts_named(names: list[str]) -> list[Artifact]:
@@ -33,33 +43,84 @@ def artifacts_named(names: list[str]) -> list[Artifact]:
 
 
 def needed_runs(artifacts: list[Artifact], scale: Scale) -> list[RunRequest]:
-    """Every run the artifacts read, once, in the order they first ask for it."""
+    """Every run the artifacts read, once, in training priority: the artifacts of :data:`TRAINING_PRIORITY` first
+    (in its order), then the rest in table order; within an artifact seed by seed (every method at seed 0 first),
+    so a partial study already compares every method."""
+    rank = {name: i for i, name in enumerate(TRAINING_PRIORITY)}
+    ordered = sorted(artifacts, key=lambda a: rank.get(a.name, len(rank)))
     out: list[RunRequest] = []
-    for artifact in artifacts:
-        out += [r for r in artifact.requests(scale) if r not in out]
+    for artifact in ordered:
+        asked = artifact.requests(scale)
+        by_seed = sorted(range(len(asked)), key=lambda i: (asked[i].seed, i))
+        out += [r for r in (asked[i] for i in by_seed) if r not in out]
     return out
 
 
-def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = None) -> dict[str, list[Path]]:
-    """Build ``artifacts`` at ``scale``; returns the files written per artifact name (an empty list: not built)."""
+def parse_budget(text: str) -> float:
+    """``100m``, ``2h``, ``90s`` or a bare number of minutes, as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise ValueError(f"cannot read the budget {text!r}: write minutes (100), or 100m, 2h, 90s")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "": 60}[match.group(2)]
+
+
+def estimate_run_s(index: pd.DataFrame, scale: Scale) -> Callable[[RunRequest], float]:
+    """Seconds a missing run should take, from the measured runs and records of the scale: the median process
+    time (``wall_s``) of runs of its method and model (else of its model, else :data:`UNKNOWN_RUN_S`), plus the
+    median cost of the method's earlier stages when none of them is complete under the runs root yet."""
+    done = complete(index)
+    timed = done[done["wall_s"].notna()] if "wall_s" in done.columns else done.iloc[0:0]
+
+    def estimate(request: RunRequest) -> float:
+        same = timed[(timed["method"] == request.method) & (timed["model"] == request.model)]
+        pool = same if not same.empty else timed[timed["model"] == request.model]
+        seconds = float(pool["wall_s"].median()) if not pool.empty else UNKNOWN_RUN_S
+        staged = done[(done["method"] == request.method) & (done["stages"] > 0)] if "stages" in done else done[:0]
+        if not staged.empty and not any((scale.runs_root / "stages" / request.method).glob("*/stage.json")):
+            seconds += float(staged["stage_time_s"].median())
+        return seconds
+
+    return estimate
+
+
+def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = None, jobs: int | None = None,
+              budget_s: float | None = None) -> dict[str, list[Path]]:
+    """Build ``artifacts`` at ``scale``; returns the files written per artifact name (an empty list: not built).
+
+    Training (``train``, default: the scale's ``launch``) runs the missing runs in priority order,
+    ``jobs`` side by side (default: the scale's), within ``budget_s`` seconds when given; each run
+    that completes is recorded into ``results/<scale>/runs/`` at once (:mod:`experiments.records`).
+    The last line printed says how many of the runs exist.
+    """
     started = time.time()
     requests = needed_runs(artifacts, scale)
-    missing = missing_runs(build_index([scale.runs_root]), requests)
+    roots = [scale.runs_root, records_root(scale)]
+    index = build_index(roots)
+    for where, why in stale_records(index, requests, scale):
+        print(f"stale record (not read): {where}: {why}")
+    missing = missing_runs(index, requests)
     print(f"scale {scale.name}: {len(artifacts)} artifacts need {len(requests)} runs; {len(missing)} missing "
-          f"(runs root {relative(scale.runs_root)})", flush=True)
+          f"(runs root {relative(scale.runs_root)}, records {relative(records_root(scale))})", flush=True)
     if missing and (scale.launch == "train" if train is None else train):
-        failed = train_missing(missing, scale)
-        if failed:
-            print(f"{len(failed)} runs failed; their artifacts show them as not available:", flush=True)
-            for request, log_path in failed.items():
+        def record(request: RunRequest, run_dir: Path) -> None:
+            print(f"      record: {relative(write_record(run_dir, records_root(scale)))}", flush=True)
+
+        outcome = train_missing(missing, scale, jobs=jobs or scale.jobs, budget_s=budget_s,
+                                estimate_s=estimate_run_s(index, scale), on_done=record)
+        if outcome.failed:
+            print(f"{len(outcome.failed)} runs failed; their artifacts show them as not available:", flush=True)
+            for request, log_path in outcome.failed.items():
                 print(f"  {request.label()}: {log_path}")
     elif missing:
         print("these runs are missing; the artifacts are built from the runs that exist:")
         print(describe_missing(missing, scale))
-    index = build_index([scale.runs_root])
+    index = build_index(roots)
+    for path in record_missing(index, requests, records_root(scale)):
+        print(f"record: {relative(path)} (a run made earlier)")
+    index = build_index(roots)
     out_dir = scale.results_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    index.to_csv(out_dir / "index.csv", index=False)
+    write_index_csv(index, requests, out_dir / "index.csv")
     written: dict[str, list[Path]] = {}
     for artifact in artifacts:
         name = artifact.name
@@ -75,7 +136,32 @@ def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = N
         print(f"{name}: {files}" + (f" ({len(lacking)} of its runs missing: not available)" if lacking else ""))
     print(f"done in {time.time() - started:.0f} s: {relative(out_dir)}/ ({sum(len(v) for v in written.values())} "
           "files, index.csv)")
+    left = len(missing_runs(index, requests))
+    print(f"{len(requests) - left} of {len(requests)} runs done"
+          + ("; run the same command to continue" if left else ""))
     return written
+
+
+def write_index_csv(index: pd.DataFrame, requests: list[RunRequest], path: Path) -> None:
+    """The runs the artifacts read, one row per request, as ``index.csv``: machine-independent (each run named by
+    its record when it has one, relative to the file's folder, else by its directory relative to the
+    repository; no local-only columns), so a rebuild from the records alone writes the same file."""
+    rows = rows_for(index, requests).copy()
+    if not rows.empty:
+        named = rows["record"] if "record" in rows.columns else pd.Series(None, index=rows.index)
+        rows["run_dir"] = [_name_from(path.parent, r if isinstance(r, str) else d)
+                           for r, d in zip(named, rows["run_dir"], strict=True)]
+    rows = rows.drop(columns=[c for c in LOCAL_COLUMNS if c in rows.columns])
+    lead = [c for c in ("run_dir", *IDENTITY) if c in rows.columns]
+    rows = rows[lead + sorted(c for c in rows.columns if c not in lead)]  # the order of reading must not show
+    rows.to_csv(path, index=False)
+
+
+def _name_from(folder: Path, run_dir: str) -> str:
+    try:
+        return str(Path(run_dir).resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return portable(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,15 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     train = parser.add_mutually_exclusive_group()
     train.add_argument("--train", dest="train", action="store_true", default=None, help="train missing runs")
     train.add_argument("--no-train", dest="train", action="store_false", help="only print the missing runs")
+    parser.add_argument("--jobs", type=int, help="runs side by side, the cores shared out (default: the scale's jobs)")
+    parser.add_argument("--budget", help="train only what fits in this time (100m, 2h, 90s; bare number: minutes), "
+                        "in priority order; the same command continues")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         artifacts = artifacts_named(args.artifacts)
         scale = load_scale(args.scale, runs_root=args.runs_root, results_dir=args.results_dir)
+        budget_s = parse_budget(args.budget) if args.budget else None
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: give 1 or more")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    reproduce(artifacts, scale, train=args.train)
+    reproduce(artifacts, scale, train=args.train, jobs=args.jobs, budget_s=budget_s)
     return 0
 
 

@@ -8,7 +8,10 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 
@@ -48,24 +51,99 @@ def run_command(request: RunRequest, scale: Scale) -> list[str]:
     return [sys.executable, str(REPO / "run.py"), *request_overrides(request, scale), *extra]
 
 
-def train_missing(requests: list[RunRequest], scale: Scale) -> dict[RunRequest, str]:
-    """Train each request in turn (stdout and stderr to ``<runs_root>/logs/``); returns the failures' log paths."""
+LAUNCH_FILE = "launch.json"  # written by train_missing into a run it trained: wall seconds, threads, jobs
+
+
+@dataclass
+class _Job:
+    request: RunRequest
+    process: subprocess.Popen
+    log: IO[str]
+    log_path: Path
+    started: float
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`train_missing` did: the runs it completed, those that failed (their logs), those left for later."""
+
+    done: list[RunRequest] = field(default_factory=list)
+    failed: dict[RunRequest, str] = field(default_factory=dict)
+    not_started: list[RunRequest] = field(default_factory=list)
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch (and OpenMP) threads of each of ``jobs`` runs side by side: the cores shared out, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def train_missing(requests: list[RunRequest], scale: Scale, *, jobs: int = 1, budget_s: float | None = None,
+                  estimate_s: Callable[[RunRequest], float] | None = None,
+                  on_done: Callable[[RunRequest, Path], None] | None = None) -> TrainOutcome:
+    """Train ``requests`` in their order, ``jobs`` at a time (stdout and stderr to ``<runs_root>/logs/``).
+
+    Each run gets ``threads_per_job(jobs)`` torch threads (``DOGRAPH_THREADS``, ``OMP_NUM_THREADS``).
+    With ``budget_s``, a run starts only if ``estimate_s(request)`` seconds from now still fall
+    inside the budget; the first run that does not fit ends the launching (the order is a
+    priority), the runs already started finish. ``on_done`` is called for each run that completes
+    (after ``launch.json`` is written into its directory).
+    """
     logs = scale.runs_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    failed: dict[RunRequest, str] = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for i, request in enumerate(requests, 1):
-        log_path = logs / (request.label().replace(" ", "_").replace("=", "-") + ".log")
-        print(f"[{i}/{len(requests)}] training {request.label()} (log: {log_path})", flush=True)
-        started = time.time()
-        with open(log_path, "w") as handle:
-            code = subprocess.call(run_command(request, scale), stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env=env)
-        status = "done" if code == 0 else f"FAILED (exit {code}; see the log)"
-        print(f"      {status} in {time.time() - started:.0f} s", flush=True)
-        if code != 0:
-            failed[request] = str(log_path)
-    return failed
+    threads = threads_per_job(jobs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DOGRAPH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    outcome = TrainOutcome()
+    queue = list(requests)
+    running: list[_Job] = []
+    began = time.time()
+    total = len(requests)
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, jobs):
+                request = queue[0]
+                needed = estimate_s(request) if estimate_s else 0.0
+                if budget_s is not None and time.time() - began + needed > budget_s:
+                    outcome.not_started = list(queue)
+                    print(f"budget: {request.label()} (about {needed / 60:.0f} min) would not fit in the "
+                          f"{max(0.0, budget_s - (time.time() - began)) / 60:.0f} min left; "
+                          f"{len(queue)} runs left for the next invocation", flush=True)
+                    queue = []
+                    break
+                queue.pop(0)
+                log_path = logs / (request.label().replace(" ", "_").replace("=", "-") + ".log")
+                number = total - len(queue)
+                print(f"[{number}/{total}] training {request.label()} ({threads} threads; log: {relative(log_path)})",
+                      flush=True)
+                handle = open(log_path, "w")  # noqa: SIM115 (closed when the job ends)
+                process = subprocess.Popen(run_command(request, scale), stdout=handle, stderr=subprocess.STDOUT,
+                                           cwd=REPO, env=env)
+                running.append(_Job(request, process, handle, log_path, time.time()))
+            if not running:
+                break
+            time.sleep(1.0)
+            for job in [j for j in running if j.process.poll() is not None]:
+                running.remove(job)
+                job.log.close()
+                wall = time.time() - job.started
+                code = job.process.returncode
+                if code == 0:
+                    run_dir = job.request.run_dir(scale)
+                    (run_dir / LAUNCH_FILE).write_text(json.dumps(
+                        {"wall_s": round(wall, 1), "threads": threads, "jobs": jobs,
+                         "cores": os.cpu_count()}, indent=1) + "\n")
+                    outcome.done.append(job.request)
+                    print(f"      done: {job.request.label()} in {wall:.0f} s", flush=True)
+                    if on_done is not None:
+                        on_done(job.request, run_dir)
+                else:
+                    outcome.failed[job.request] = str(job.log_path)
+                    print(f"      FAILED: {job.request.label()} (exit {code}; see {relative(job.log_path)})",
+                          flush=True)
+    except KeyboardInterrupt:
+        for job in running:
+            job.process.terminate()
+        raise
+    return outcome
 
 
 def multirun_commands(requests: list[RunRequest], scale: Scale) -> list[str]:

@@ -44,6 +44,7 @@ class Scale:
     objectives: list[str]
     corpora: dict[str, str]
     description: str = ""
+    jobs: int = 1  # runs trained side by side (each with the cores shared out): benchmarks/cpu_jobs.py
 
     @property
     def cache_dir(self) -> Path:
@@ -72,7 +73,7 @@ def load_scale(name: str, *, runs_root: str | Path | None = None, results_dir: s
                  method_overrides={k: list(v) for k, v in (raw.get("method_overrides") or {}).items()},
                  settings=dict(raw["settings"]), model_scale=list(raw["model_scale"]),
                  m_values=[int(m) for m in raw["m_values"]], objectives=list(raw["objectives"]),
-                 corpora=dict(raw["corpora"]),
+                 corpora=dict(raw["corpora"]), jobs=int(raw.get("jobs", 1)),
                  description=" ".join(line.lstrip("# ").strip() for line in header.splitlines()))
 
 

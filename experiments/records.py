@@ -1,0 +1,157 @@
+"""Run records: the compact copy of a completed run that is committed, so results outlive the machine.
+
+A run directory holds checkpoints, an HF export and W&B files (hundreds of MB) and lives under the
+git-ignored ``outputs/``. When a run of a scale completes, :func:`write_record` copies what the
+results index reads into ``results/<scale>/runs/<run-id>/`` (committed for the cpu scale):
+
+* ``run_info.json`` (resolved config, overrides and their fingerprint, commit, versions, machine),
+  ``config.yaml`` (Hydra's resolved config), ``summary.json``, ``metrics.jsonl`` (train and eval
+  records), ``eval/scores.json``, ``stages.json`` (the earlier stages and their costs), and the
+  mixer's own files under ``mixer/`` (per-step weights or mixture CSV, DoGraph's refreshes);
+* ``record.json``: the run's Hydra choices (method, model, dataset, objective), where it was made,
+  when it completed, how long its process took (``launch.json`` of the scheduler) and the record's size.
+
+No checkpoints, exports or W&B files: a record weighs tens of KiB. The index
+(:mod:`experiments.index`) reads a record like a run directory. A record names its run by
+identity and fingerprint (``<method>-<model>-<dataset>-<variant>-seed<k>-<fingerprint>``), so a
+record made with other overrides sits beside the current one and is reported stale
+(:func:`stale_records`) instead of being read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.index import RECORD_FILE, hydra_choices, read_run
+from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides
+
+RECORD_FORMAT = 1
+COPIED = ("run_info.json", "summary.json", "metrics.jsonl", "eval/scores.json", "launch.json")
+MIXER_SUFFIXES = (".csv", ".jsonl", ".json")
+MAX_MIXER_FILE = 512 * 1024  # a mixer file above this is left out (and named in record.json)
+
+
+def records_root(scale: Scale) -> Path:
+    """``results/<scale>/runs``: where a scale's records live."""
+    return scale.results_dir / "runs"
+
+
+def portable(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (records are read on other machines)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def record_id(row: dict[str, Any]) -> str:
+    """``<method>-<model>-<dataset>-<variant>-seed<k>-<fingerprint>`` of an index row."""
+    variant = f"m{row['m']}_{row['objective']}" if row["method"] == "dograph" else "default"
+    return f"{row['method']}-{row['model']}-{row['dataset']}-{variant}-seed{row['seed']}-{row['fingerprint']}"
+
+
+def _stages(run_dir: Path) -> list[dict[str, Any]] | None:
+    path = run_dir / "stages.json"
+    if not path.exists():
+        return None
+    stages = json.loads(path.read_text())
+    return [{**s, "run_dir": portable(s["run_dir"])} if "run_dir" in s else s for s in stages]
+
+
+def write_record(run_dir: Path, root: Path) -> Path:
+    """Copy the complete run ``run_dir`` into ``root/<run-id>/`` (replacing an older record of the same id).
+
+    The record is assembled in a temporary directory and renamed into place, so a reader never sees
+    half of one.
+    """
+    row = read_run(run_dir)
+    if row is None or row.get("status") != "complete":
+        raise ValueError(f"{run_dir} is not a complete run: no record written")
+    if not row.get("fingerprint"):
+        raise ValueError(f"{run_dir} has no overrides fingerprint (made without Hydra): no record written")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    target = root / record_id(row)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        for name in COPIED:
+            if (run_dir / name).exists():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run_dir / name, tmp / name)
+        if (run_dir / ".hydra" / "config.yaml").exists():
+            shutil.copyfile(run_dir / ".hydra" / "config.yaml", tmp / "config.yaml")
+        stages = _stages(run_dir)
+        if stages is not None:
+            (tmp / "stages.json").write_text(json.dumps(stages, indent=2) + "\n")
+        left_out = []
+        for path in sorted((run_dir / "mixer").glob("*")) if (run_dir / "mixer").is_dir() else []:
+            if path.suffix not in MIXER_SUFFIXES or not path.is_file():
+                continue
+            if path.stat().st_size > MAX_MIXER_FILE:
+                left_out.append(path.name)
+                continue
+            (tmp / "mixer").mkdir(exist_ok=True)
+            shutil.copyfile(path, tmp / "mixer" / path.name)
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        meta = {"format": RECORD_FORMAT, "run_id": target.name, "source": portable(run_dir),
+                "completed_at": summary.get("completed_at"), "choices": hydra_choices(run_dir),
+                "mixer_files_left_out": left_out, "bytes": size}
+        (tmp / RECORD_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def record_missing(index: pd.DataFrame, requests: list[RunRequest], root: Path) -> list[Path]:
+    """Write a record for every request whose chosen run is a live directory without one; returns the new ones."""
+    written = []
+    for request in requests:
+        found = find_run(index, request)
+        if found.empty:
+            continue
+        row = found.iloc[-1]
+        if row.get("source") == "run" and not isinstance(row.get("record"), str):
+            written.append(write_record(Path(row["run_dir"]), root))
+    return written
+
+
+def stale_records(index: pd.DataFrame, requests: list[RunRequest], scale: Scale) -> list[tuple[str, str]]:
+    """Records that no request reads any more, with why: (record directory, reason).
+
+    A record is stale when a request has its identity (method, model, dataset, seed, m, objective)
+    but another overrides fingerprint: the scale's ``common`` or ``method_overrides`` changed since
+    it was made. The reason names the overrides that differ.
+    """
+    if index.empty or "source" not in index.columns:
+        return []
+    wanted = {r.fingerprint: r for r in requests}
+    out = []
+    for _, row in index[index["source"] == "record"].iterrows():
+        if row.get("fingerprint") in wanted:
+            continue
+        same = [r for r in requests if all(row.get(k) == v for k, v in r.identity().items())]
+        if not same:
+            continue
+        now = set(_canonical(request_overrides(same[0], scale)))
+        then = set(row.get("overrides") or [])
+        changed = sorted(then - now) + sorted(f"now {o}" for o in now - then)
+        out.append((portable(row["run_dir"]), f"made with other overrides than the scale now gives {same[0].label()}"
+                    + (f" ({'; '.join(changed)})" if changed else "")))
+    return out
+
+
+def _canonical(overrides: list[str]) -> list[str]:
+    from dograph.runs.app import canonical_overrides  # heavy import, only when a stale record is explained
+
+    return canonical_overrides(overrides)
