@@ -35,11 +35,12 @@ from experiments.artifact import NothingToPlot
 from experiments.render import save_figure
 from experiments.run_files import (
     ablation_dograph_request,
+    checkpoint_points,
     checkpoints_of,
     load_run_config,
     rebuild_data,
     rebuild_model,
-    run_dir_of,
+    run_and_record_of,
 )
 from experiments.scale import RunRequest, Scale
 
@@ -150,6 +151,6 @@ def draw(points: pd.DataFrame) -> Any:
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
-    run_dir = run_dir_of(index, ablation_dograph_request(scale))
-    points = compute_points(run_dir)
+    run_dir, record = run_and_record_of(index, ablation_dograph_request(scale))
+    points = checkpoint_points(run_dir, record, "figure1_points", compute_points)
     return save_figure(draw(points), out_dir, NAME, {"points": points})

@@ -34,10 +34,11 @@ from experiments.figure1 import pca_2d, unit_rows
 from experiments.render import save_figure
 from experiments.run_files import (
     ablation_dograph_request,
+    checkpoint_points,
     checkpoints_of,
     domains_of_run,
     read_refreshes,
-    run_dir_of,
+    run_and_record_of,
 )
 from experiments.scale import RunRequest, Scale
 
@@ -170,13 +171,13 @@ def draw(contingency: pd.DataFrame, points: pd.DataFrame | None, domains: list[s
 
 
 def build(index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
-    run_dir = run_dir_of(index, ablation_dograph_request(scale))
+    run_dir, record = run_and_record_of(index, ablation_dograph_request(scale))
     refreshes = read_refreshes(run_dir)
     if not refreshes:
         raise NothingToPlot(f"{run_dir} has no K-means refresh in mixer/refreshes.jsonl (not a DoGraph run, or "
                             "its buffer never filled: lower mixer.buffer_size or train longer)")
     domains = domains_of_run(run_dir, len(refreshes[0]["contingency"][0]))
     contingency = contingency_frame(refreshes, domains)
-    points = buffer_points(run_dir, domains)
+    points = checkpoint_points(run_dir, record, "figure3_buffer_points", lambda d: buffer_points(d, domains))
     data = {"contingency": contingency, **({"buffer_points": points} if points is not None else {})}
     return save_figure(draw(contingency, points, domains), out_dir, NAME, data)

@@ -49,6 +49,7 @@ TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", 
 IDENTITY = ("method", "model", "dataset", "objective", "m", "seed")
 TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds: training, validation, checkpoints
 RECORD_FILE = "record.json"  # marks a run record (experiments.records)
+DERIVED = "derived"  # points a figure computed from a run's checkpoints, kept in the run and its record
 LAUNCH_FILE = "launch.json"  # the scheduler's wall seconds of a run it trained (experiments.runs)
 
 

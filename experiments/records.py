@@ -6,8 +6,9 @@ results index reads into ``results/<scale>/runs/<run-id>/`` (committed for the c
 
 * ``run_info.json`` (resolved config, overrides and their fingerprint, commit, versions, machine),
   ``config.yaml`` (Hydra's resolved config), ``summary.json``, ``metrics.jsonl`` (train and eval
-  records), ``eval/scores.json``, ``stages.json`` (the earlier stages and their costs), and the
-  mixer's own files under ``mixer/`` (per-step weights or mixture CSV, DoGraph's refreshes);
+  records), ``eval/scores.json``, ``stages.json`` (the earlier stages and their costs), the
+  mixer's own files under ``mixer/`` (per-step weights or mixture CSV, DoGraph's refreshes) and
+  ``derived/`` (points Figures 1 and 3 computed from the checkpoints, ``experiments.run_files``);
 * ``record.json``: the run's Hydra choices (method, model, dataset, objective), where it was made,
   when it completed, how long its process took (``launch.json`` of the scheduler) and the record's size.
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.index import RECORD_FILE, hydra_choices, read_run
+from experiments.index import DERIVED, RECORD_FILE, hydra_choices, read_run
 from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides
 
 RECORD_FORMAT = 1
@@ -90,6 +91,9 @@ def write_record(run_dir: Path, root: Path) -> Path:
         stages = _stages(run_dir)
         if stages is not None:
             (tmp / "stages.json").write_text(json.dumps(stages, indent=2) + "\n")
+        for path in sorted((run_dir / DERIVED).glob("*.csv")) if (run_dir / DERIVED).is_dir() else []:
+            (tmp / DERIVED).mkdir(exist_ok=True)
+            shutil.copyfile(path, tmp / DERIVED / path.name)
         left_out = []
         for path in sorted((run_dir / "mixer").glob("*")) if (run_dir / "mixer").is_dir() else []:
             if path.suffix not in MIXER_SUFFIXES or not path.is_file():

@@ -2,13 +2,16 @@
 
 The index says which run an artifact reads; these helpers open that run's own files: its
 config (``run_info.json``), its kept checkpoints, its model and held-out windows rebuilt as
-``dograph.runs.app`` built them, and DoGraph's mixer history (``mixer/``).
+``dograph.runs.app`` built them, and DoGraph's mixer history (``mixer/``). What a figure computes
+from the checkpoints is kept beside them and in the run's record (:func:`checkpoint_points`), so a
+record, which keeps no checkpoint, still draws the figure.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from dograph.data.builder import RunData, build_run_data
 from dograph.distributed import DistContext
 from dograph.models import build_model
 from experiments.artifact import NothingToPlot
+from experiments.index import DERIVED
 from experiments.scale import REPO, RunRequest, Scale, find_run, make_request
 
 CHECKPOINT = re.compile(r"^step_(\d{8})\.pt$")
@@ -32,12 +36,36 @@ def ablation_dograph_request(scale: Scale) -> RunRequest:
     return make_request(scale, "dograph", where["model"], where["dataset"], scale.seeds[0], sweep="m_sweep")
 
 
-def run_dir_of(index: pd.DataFrame, request: RunRequest) -> Path:
-    """The complete run of ``request`` completed last; :class:`NothingToPlot` when there is none."""
+def run_and_record_of(index: pd.DataFrame, request: RunRequest) -> tuple[Path, Path | None]:
+    """The run of ``request`` completed last and its record (None without one); :class:`NothingToPlot` when none."""
     found = find_run(index, request)
     if found.empty:
         raise NothingToPlot(f"no complete run for {request.label()}")
-    return Path(found["run_dir"].iloc[-1])
+    row = found.iloc[-1]
+    record = row.get("record") if "record" in found.columns else None
+    return Path(row["run_dir"]), Path(record) if isinstance(record, str) else None
+
+
+def checkpoint_points(run_dir: Path, record: Path | None, name: str,
+                      compute: Callable[[Path], pd.DataFrame | None]) -> pd.DataFrame | None:
+    """Points a figure computes from ``run_dir``'s checkpoints, kept as ``derived/<name>.csv``.
+
+    A record keeps no checkpoints, so the points computed from the live run are written into the run
+    and into its record (``record``); later builds (a fresh clone's from the record alone included)
+    read them back. Always returned as read back from the CSV, so the figure drawn from a live run and
+    from its record are the same bytes. ``compute`` may return None (nothing to draw from).
+    """
+    cached = run_dir / DERIVED / f"{name}.csv"
+    if cached.exists():
+        return pd.read_csv(cached)
+    frame = compute(run_dir)
+    if frame is None:
+        return None
+    for where in (run_dir, record):
+        if where is not None:
+            (where / DERIVED).mkdir(exist_ok=True)
+            frame.to_csv(where / DERIVED / f"{name}.csv", index=False)
+    return pd.read_csv(cached)
 
 
 def checkpoints_of(run_dir: Path) -> list[tuple[int, Path]]:

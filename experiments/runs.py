@@ -15,6 +15,7 @@ from typing import IO
 
 import pandas as pd
 
+from experiments.index import LAUNCH_FILE
 from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides
 
 
@@ -51,7 +52,6 @@ def run_command(request: RunRequest, scale: Scale) -> list[str]:
     return [sys.executable, str(REPO / "run.py"), *request_overrides(request, scale), *extra]
 
 
-LAUNCH_FILE = "launch.json"  # written by train_missing into a run it trained: wall seconds, threads, jobs
 
 
 @dataclass

@@ -96,7 +96,7 @@ def test_no_run_and_too_little_of_a_run_draw_nothing(tiny_run: Path, scale: Scal
             ARTIFACTS[name].build(build_index([tmp_path / "empty"]), scale, tmp_path / "out")
     # a copy of the run keeping only its last checkpoint and no mixer files
     copy = tmp_path / "runs" / "dograph" / "seed0"
-    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("checkpoints", "mixer"))
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("checkpoints", "mixer", "derived"))
     (copy / "checkpoints").mkdir()
     shutil.copy(tiny_run / "checkpoints" / "step_00000008.pt", copy / "checkpoints")
     index = build_index([tmp_path / "runs"])
@@ -105,3 +105,27 @@ def test_no_run_and_too_little_of_a_run_draw_nothing(tiny_run: Path, scale: Scal
     with pytest.raises(NothingToPlot, match="no K-means refresh"):
         figure3.build(index, scale, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_record_alone_redraws_figures_1_and_3_byte_identical(tiny_run: Path, scale: Scale, tmp_path: Path) -> None:
+    """A record keeps no checkpoint, but the points the figures computed from them (``derived/``): a fresh clone
+    with only the record draws the same files."""
+    from dataclasses import replace
+
+    from experiments.records import records_root, write_record
+
+    run = tmp_path / "runs" / "dograph" / "seed0"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("derived"))
+    here = replace(scale, runs_root=tmp_path / "runs", results_dir=tmp_path / "results")
+    write_record(run, records_root(here))
+    index = build_index([here.runs_root, records_root(here)])
+    live = [p for m in (figure1, figure3) for p in m.build(index, here, tmp_path / "live")]
+    assert {p.name for p in (records_root(here)).rglob("*.csv") if p.parent.name == "derived"} == {
+        "figure1_points.csv", "figure3_buffer_points.csv"}
+    shutil.rmtree(tmp_path / "runs")
+    index = build_index([records_root(here)])
+    assert list(index["source"]) == ["record"]
+    again = [p for m in (figure1, figure3) for p in m.build(index, here, tmp_path / "record")]
+    assert [p.name for p in again] == [p.name for p in live]
+    for a, b in zip(live, again, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name

@@ -49,8 +49,9 @@ from dograph.train.metrics import MetricsWriter
 from dograph.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
+# what a run writes into its directory (launch.json: experiments.runs' wall time; derived: the figures' points)
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "hf", "wandb", "wandb_id", "run_info.json", "mixer", "summary.json",
-                 "eval")
+                 "eval", "launch.json", "derived")
 
 
 def seed_everything(seed: int) -> None:
