@@ -137,6 +137,30 @@ def scale_title(title: str, scale: Scale, setting: str) -> str:
 
 
 VAL_LOSS = Column("Val loss (avg)", metric("val/avg_loss"), 3)
+PAIRED_NOTE = ("Δ vs Uniform: per seed, the method's average loss minus Uniform's at the same seed, mean ± the 95% "
+               "t-interval over the seeds both have (a paired difference: below 0 is better than Uniform; an "
+               "interval that excludes 0 is a difference these seeds resolve).")
+
+
+def paired_difference(index: pd.DataFrame, requests: Sequence[RunRequest], column: str,
+                      reference: str = "uniform") -> Column | None:
+    """A column of each run's ``column`` minus the ``reference`` method's at the same seed (None: no reference run).
+
+    Seeds pair runs that share the initialisation and the seed of everything else, so the paired
+    difference cancels the seed-to-seed spread both methods share.
+    """
+    ref_rows = rows_for(index, [r for r in requests if r.method == reference])
+    by_seed = {int(row["seed"]): float(row[column]) for _, row in ref_rows.iterrows()
+               if column in row and pd.notna(row[column])}
+    if not by_seed:
+        return None
+
+    def read(row: pd.Series) -> float | None:
+        value = metric(column)(row)
+        seed = int(row["seed"])
+        return None if value is None or seed not in by_seed else value - by_seed[seed]
+
+    return Column(f"Δ vs {method_name(reference)}", read, 3)
 LOSS_NOTE = "Loss: mean token cross-entropy in nats; Avg: weighted by the natural mixture; PPL = exp(Avg loss)."
 NO_DOWNSTREAM = ("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns are not "
                  "available; `python -m dograph.eval RUN_DIR eval=paper` adds them.")
@@ -196,7 +220,10 @@ class DomainLossTable(MethodTable):
         columns = [Column(d, metric(f"val/{d}/loss"), 3) for d in domains]
         columns += [Column("Avg loss", metric("val/avg_loss"), 3), Column("Avg PPL", ppl_of("val/avg_loss"), 2),
                     Column("Worst loss", metric("val/worst_loss"), 3)]
-        return self.write(index, scale, out_dir, columns, [CI_NOTE, LOSS_NOTE, *self.run_notes(index, scale)])
+        paired = paired_difference(index, self.requests(scale), "val/avg_loss")
+        columns += [paired] if paired is not None else []
+        notes = [CI_NOTE, LOSS_NOTE, *([PAIRED_NOTE] if paired is not None else []), *self.run_notes(index, scale)]
+        return self.write(index, scale, out_dir, columns, notes)
 
 
 @dataclass(frozen=True)
