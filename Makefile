@@ -16,7 +16,8 @@ REPRODUCE_FLAGS = $(if $(BUDGET),--budget $(BUDGET)) $(if $(JOBS),--jobs $(JOBS)
 ARTIFACTS := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 \
 	figure1 figure2 figure3 figure4 figure5
 
-.PHONY: help install demo test test-all lint clean distclean bench bench-fsdp gpu-wheels bench-gpu paper $(ARTIFACTS) clean-results
+.PHONY: help install demo test test-all lint clean distclean bench bench-fsdp gpu-wheels bench-gpu paper planted \
+	$(ARTIFACTS) clean-results
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,10 +60,13 @@ bench-gpu:  ## Every GPU measurement in one JSON + Markdown report, under 8 minu
 paper: $(STAMP)  ## Every paper table and figure at SCALE=smoke|cpu|paper into results/$(SCALE)/ (trains what is missing; BUDGET=100m JOBS=2)
 	$(PY) -m experiments.reproduce paper --scale $(SCALE) $(REPRODUCE_FLAGS)
 
+planted: $(STAMP)  ## The planted-structure study: 7 methods x 3 scenarios x 3 seeds into results/planted/ (BUDGET=100m JOBS=2)
+	$(PY) -m experiments.reproduce planted --scale planted $(REPRODUCE_FLAGS)
+
 $(ARTIFACTS): $(STAMP)  ## (make table1 ... table10, figure1 ... figure5 SCALE=...) one paper artifact
 	$(PY) -m experiments.reproduce $@ --scale $(SCALE) $(REPRODUCE_FLAGS)
 
-clean-results:  ## Remove the runs and artifacts of SCALE (outputs/reproduce/$(SCALE), results/$(SCALE))
+clean-results:  ## Remove the runs and artifacts of SCALE (outputs/reproduce/$(SCALE), results/$(SCALE); SCALE=planted too)
 	rm -rf outputs/reproduce/$(SCALE) results/$(SCALE)
 
 clean:  ## Remove run outputs and tool caches (keeps .venv and the data cache)

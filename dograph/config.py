@@ -72,6 +72,53 @@ class ModelConfig:
                  f"must be divisible by model.n_head={self.n_head}", self.d_model)
 
 
+PLANTED_SCENARIOS = ("none", "noise", "duplicates", "hidden_split")  # none: the corpus as it is
+PLANTED_DEFAULT_SHARE = {"noise": 0.25, "duplicates": 0.20}  # our choices (docs/design.md section 4.5)
+
+
+@dataclass
+class PlantedConfig:
+    """Structure planted in the base corpus, to see whether a mixer finds it (docs/design.md section 4.5)."""
+
+    scenario: str = "none"  # none | noise | duplicates | hidden_split (dataset=planted sets noise)
+    share: float | None = None  # the planted domain's share of the text bytes; None = the scenario's default
+    seed: int = 0  # the word salad, the duplicated documents, the merged domain's order (not the run seed)
+    duplicate_domain: str = "books"  # duplicates: the base domain replaced by copies of a few of its documents
+    duplicate_documents: int = 8  # duplicates: how many distinct documents are repeated
+    merge_domains: list[str] = field(default_factory=lambda: ["code", "latex"])  # hidden_split: merged under one label
+
+    def __post_init__(self) -> None:
+        _require_choice(self.scenario, "dataset.planted.scenario", PLANTED_SCENARIOS)
+        if self.scenario not in PLANTED_DEFAULT_SHARE:
+            why = " (the merged domain keeps its natural share)" if self.scenario == "hidden_split" else ""
+            require(self.share is None, "dataset.planted.share", f"does not apply to scenario {self.scenario}{why}",
+                    self.share)
+        else:
+            require(self.share is None or 0.0 < self.share < 1.0, "dataset.planted.share", "must be in (0, 1)",
+                    self.share)
+        require(0 <= self.seed < SEED_LIMIT, "dataset.planted.seed", "must be in [0, 2**32)", self.seed)
+        require(self.duplicate_documents >= 1, "dataset.planted.duplicate_documents", "must be >= 1",
+                self.duplicate_documents)
+        self.merge_domains = list(self.merge_domains)
+        require(len(set(self.merge_domains)) >= 2 and len(set(self.merge_domains)) == len(self.merge_domains),
+                "dataset.planted.merge_domains", "must name at least two different domains", self.merge_domains)
+
+    @property
+    def active(self) -> bool:
+        """Whether structure is planted (any scenario but none)."""
+        return self.scenario != "none"
+
+    @property
+    def target_share(self) -> float | None:
+        """The planted domain's share of the text bytes (None for hidden_split: the merged domains' own)."""
+        return self.share if self.share is not None else PLANTED_DEFAULT_SHARE.get(self.scenario)
+
+    @property
+    def merged_domain(self) -> str:
+        """hidden_split: the one label the merged domains carry (``code+latex``)."""
+        return "+".join(self.merge_domains)
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how validation is held out (docs/design.md section 4)."""
@@ -90,9 +137,15 @@ class DataConfig:
     val_seed: int = 1234  # fixes the held-out documents, independent of the run seed
     skip_bad_lines: bool = False
     min_domains: int = 4  # embedded corpus: go on if at least this many sources could be built
+    planted: PlantedConfig = field(default_factory=PlantedConfig)  # structure planted in the corpus above
 
     def __post_init__(self) -> None:
         _require_choice(self.source, "dataset.source", ("embedded", "jsonl", "hf"))
+        if isinstance(self.planted, dict):  # from a plain dict (a sweep job's saved config, a yaml read alone)
+            self.planted = PlantedConfig(**self.planted)
+        require(not self.planted.active or self.source != "hf", "dataset.source",
+                f"must be embedded or jsonl to plant structure in it (dataset.planted.scenario="
+                f"{self.planted.scenario})", self.source)
         require(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", "must be in (0, 1)",
                  self.val_fraction)
         _require_positive(self, "dataset", ("val_sequences_per_domain", "min_domains"))

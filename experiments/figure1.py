@@ -118,7 +118,7 @@ def compute_points(run_dir: Path, max_per_domain: int = MAX_PER_DOMAIN) -> pd.Da
     domains = list(data.corpus.domains)
     frames = []
     for name, (step, path) in (("early", kept[0]), ("late", kept[-1])):
-        model = rebuild_model(cfg, data, model_weights(path))  # a ddp .pt's weights, or an fsdp one's shards
+        model = rebuild_model(cfg, data.tokenizer, model_weights(path))  # a ddp .pt's weights, or an fsdp one's shards
         grads = projected_gradients(model, projector, windows).numpy().astype(np.float64)
         coords, share = pca_2d(unit_rows(grads))
         frames.append(pd.DataFrame({"checkpoint": name, "step": step, "domain": [domains[i] for i in labels],

@@ -11,7 +11,8 @@ record in the ``record`` column.
 
 Columns (a missing value is NaN / None):
   run_dir, source ("run" | "record"), record (the record of a live run), status,
-  method, model, dataset, objective, trainer, m, seed, tags, max_steps,
+  method, model, dataset, scenario (only for a run on a planted corpus: ``dataset.planted.scenario``),
+  objective, trainer, m, seed, tags, max_steps,
   fingerprint (of the run's command-line overrides, ``run_info.json``; None without Hydra), overrides,
   wall_s (the run's process seconds, when ``experiments.runs.train_missing`` trained it),
   completed_at (Unix seconds: ``summary.json``'s ``completed_at``, else its modification time),
@@ -46,11 +47,22 @@ log = logging.getLogger(__name__)
 # Run directories made before the package layout of issue 16 name DoGraph's mixer by its former module.
 FORMER_TARGETS = {"dograph.dograph_mixer.DoGraphMixer": "dograph"}
 TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", "mixer/time_projection_s")
-IDENTITY = ("method", "model", "dataset", "objective", "m", "seed")
+IDENTITY = ("method", "model", "dataset", "scenario", "objective", "m", "seed")
 TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds: training, validation, checkpoints
 RECORD_FILE = "record.json"  # marks a run record (experiments.records)
 DERIVED = "derived"  # points a figure computed from a run's checkpoints, kept in the run and its record
 LAUNCH_FILE = "launch.json"  # the scheduler's wall seconds of a run it trained (experiments.runs)
+
+
+def dataset_label(dataset: str, scenario: Any = None) -> str:
+    """The dataset as a run's directory and record name it: ``planted_noise`` for a planted scenario, else itself."""
+    return f"{dataset}_{scenario}" if isinstance(scenario, str) and scenario not in ("", "none") else dataset
+
+
+def planted_scenario(cfg: dict[str, Any]) -> str | None:
+    """The run's ``dataset.planted.scenario`` when structure was planted (None for every other run)."""
+    scenario = ((cfg.get("dataset") or {}).get("planted") or {}).get("scenario")
+    return scenario if isinstance(scenario, str) and scenario != "none" else None
 
 
 def _read_json(path: Path) -> Any:
@@ -143,6 +155,8 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
         "overrides": info.get("overrides"),
         "wall_s": launch.get("wall_s") if isinstance(launch, dict) else None,
     }
+    if (scenario := planted_scenario(cfg)) is not None:  # no column at all for the other runs (index.csv unchanged)
+        row["scenario"] = scenario
     last_eval, timings = _read_metrics(run_dir)
     row.update(timings)
     summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
@@ -208,7 +222,8 @@ def build_index(roots: Iterable[Path]) -> pd.DataFrame:
     rows = _merge_records([row for d in find_run_dirs(roots) if (row := read_run(d)) is not None])
     frame = pd.DataFrame(rows)
     if frame.empty:
-        frame = pd.DataFrame(columns=["run_dir", "status", *IDENTITY, "fingerprint"])
+        kept = [c for c in IDENTITY if c != "scenario"]  # a column only planted runs have (module docstring)
+        frame = pd.DataFrame(columns=["run_dir", "status", *kept, "fingerprint"])
     return frame
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.index import DERIVED, RECORD_FILE, hydra_choices, read_run
+from experiments.index import DERIVED, RECORD_FILE, dataset_label, hydra_choices, read_run
 from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides
 
 RECORD_FORMAT = 1
@@ -53,9 +53,11 @@ def portable(path: str | Path) -> str:
 
 
 def record_id(row: dict[str, Any]) -> str:
-    """``<method>-<model>-<dataset>-<variant>-seed<k>-<fingerprint>`` of an index row."""
+    """``<method>-<model>-<dataset>-<variant>-seed<k>-<fingerprint>`` of an index row (the dataset of a planted
+    scenario: ``planted_<scenario>``)."""
     variant = f"m{row['m']}_{row['objective']}" if row["method"] == "dograph" else "default"
-    return f"{row['method']}-{row['model']}-{row['dataset']}-{variant}-seed{row['seed']}-{row['fingerprint']}"
+    dataset = dataset_label(row["dataset"], row.get("scenario"))
+    return f"{row['method']}-{row['model']}-{dataset}-{variant}-seed{row['seed']}-{row['fingerprint']}"
 
 
 def _stages(run_dir: Path) -> list[dict[str, Any]] | None:

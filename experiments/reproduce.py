@@ -1,6 +1,7 @@
 """Regenerate paper artifacts at a scale: ``python -m experiments.reproduce table1 figure2 ... --scale smoke``.
 
-For the named artifacts of ``experiments.paper`` (``paper`` = all of them) it gathers the runs they
+For the named artifacts of ``experiments.paper`` (``paper`` = all of them; or of ``experiments.planted``,
+``planted`` = all of them, at ``--scale planted``) it gathers the runs they
 need, finds them in the results index of the scale's runs root and its committed run records
 (``results/<scale>/runs/``), trains the missing ones in priority order (scales with ``launch:
 train``; ``--jobs`` side by side, ``--budget`` bounds the time and the same command continues) or
@@ -24,6 +25,7 @@ import pandas as pd
 from experiments.artifact import Artifact, NothingToPlot
 from experiments.index import IDENTITY, build_index, complete
 from experiments.paper import ARTIFACTS, TRAINING_PRIORITY
+from experiments.planted import PLANTED_ARTIFACTS
 from experiments.records import portable, record_missing, records_root, stale_records, write_record
 from experiments.runs import describe_missing, missing_runs, relative, train_missing
 from experiments.scale import SCALES, RunRequest, Scale, load_scale, rows_for
@@ -32,14 +34,30 @@ UNKNOWN_RUN_S = 900.0  # the estimate of a run with no measured run of its model
 LOCAL_COLUMNS = ("source", "record", "overrides")  # index columns that depend on where the runs are read from
 
 
+GROUPS: dict[str, dict[str, Artifact]] = {"paper": ARTIFACTS, "planted": PLANTED_ARTIFACTS}
+
+
 def artifacts_named(names: list[str]) -> list[Artifact]:
-    """The entries of ``experiments.paper.ARTIFACTS`` for ``names`` (``paper``: all of them), in order."""
-    if "paper" in names:
-        return list(ARTIFACTS.values())
-    unknown = [n for n in names if n not in ARTIFACTS]
+    """The artifacts ``names`` names, in order: entries of ``experiments.paper.ARTIFACTS`` or of
+    ``experiments.planted.PLANTED_ARTIFACTS``, or a whole registry by its group name (``paper``, ``planted``)."""
+    known: dict[str, Artifact] = {**ARTIFACTS, **PLANTED_ARTIFACTS}
+    unknown = [n for n in names if n not in known and n not in GROUPS]
     if unknown:
-        raise ValueError(f"unknown artifact {unknown[0]!r}: choose from {', '.join(ARTIFACTS)} or paper")
-    return [ARTIFACTS[n] for n in dict.fromkeys(names)]
+        raise ValueError(f"unknown artifact {unknown[0]!r}: choose from {', '.join(ARTIFACTS)} or paper; "
+                         f"{', '.join(PLANTED_ARTIFACTS)} or planted")
+    chosen = [a for group, registry in GROUPS.items() if group in names for a in registry.values()]
+    return chosen + [known[n] for n in dict.fromkeys(names) if n not in GROUPS and known[n] not in chosen]
+
+
+def check_scale(artifacts: list[Artifact], scale: Scale) -> None:
+    """The planted artifacts are built at a scale with scenarios (``planted``), the paper's at one without."""
+    for artifact in artifacts:
+        planted = artifact.name in PLANTED_ARTIFACTS
+        if planted and not scale.scenarios:
+            raise ValueError(f"{artifact.name} is built at the planted scale (--scale planted), not at {scale.name}")
+        if not planted and scale.scenarios:
+            raise ValueError(f"{artifact.name} is a paper artifact: build it at smoke, cpu or paper, not at the "
+                             f"{scale.name} scale (its artifacts: {', '.join(PLANTED_ARTIFACTS)} or planted)")
 
 
 def needed_runs(artifacts: list[Artifact], scale: Scale) -> list[RunRequest]:
@@ -166,7 +184,8 @@ def _name_from(folder: Path, run_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifacts", nargs="+", help=f"paper, or any of {', '.join(ARTIFACTS)}")
+    parser.add_argument("artifacts", nargs="+", help=f"paper, or any of {', '.join(ARTIFACTS)}; planted "
+                        f"(--scale planted), or any of {', '.join(PLANTED_ARTIFACTS)}")
     parser.add_argument("--scale", default="smoke", choices=SCALES)
     parser.add_argument("--runs-root", help="where the runs are (default: the scale's runs_root)")
     parser.add_argument("--results-dir", help="where the artifacts go (default: results/<scale>)")
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifacts = artifacts_named(args.artifacts)
         scale = load_scale(args.scale, runs_root=args.runs_root, results_dir=args.results_dir)
+        check_scale(artifacts, scale)
         budget_s = parse_budget(args.budget) if args.budget else None
         if args.jobs is not None and args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs}: give 1 or more")

@@ -99,9 +99,9 @@ def rebuild_data(cfg: RunConfig) -> RunData:
                           cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed, dist=DistContext())
 
 
-def rebuild_model(cfg: RunConfig, data: RunData, weights: dict[str, Any]) -> nn.Module:
-    """The run's model architecture (as ``dograph.runs.app`` builds it) holding a checkpoint's weights, in eval mode."""
-    tok = data.tokenizer
+def rebuild_model(cfg: RunConfig, tok: Any, weights: dict[str, Any]) -> nn.Module:
+    """The run's model architecture (as ``dograph.runs.app`` builds it for the tokenizer ``tok``) holding a
+    checkpoint's weights, in eval mode."""
     model = build_model(cfg.model, len(tok), bos_id=tok.eos_token_id, eos_id=tok.eos_token_id, seed=cfg.seed)
     model.load_state_dict(weights)
     return model.eval()

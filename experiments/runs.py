@@ -147,7 +147,8 @@ def train_missing(requests: list[RunRequest], scale: Scale, *, jobs: int = 1, bu
 
 
 def multirun_commands(requests: list[RunRequest], scale: Scale) -> list[str]:
-    """Hydra multiruns that make ``requests``: one per sweep, model, dataset and method-specific overrides.
+    """Hydra multiruns that make ``requests``: one per sweep, model, dataset (and its scenario) and method-specific
+    overrides.
 
     Seeds, methods, m and objectives that share the rest become comma lists (``seed=0,1,2``). DoGraph has
     its own line: ``m`` and ``objective`` on another method's command line would change its fingerprint, and
@@ -157,15 +158,16 @@ def multirun_commands(requests: list[RunRequest], scale: Scale) -> list[str]:
     for r in requests:
         special = tuple(scale.method_overrides.get(r.method, []))
         own = bool(special) or r.method == "dograph"
-        key = (r.sweep, r.model, r.dataset, special if special else ("",), r.method if own else "")
+        key = (r.sweep, r.model, r.dataset, tuple(r.dataset_overrides()), special if special else ("",),
+               r.method if own else "")
         for name, value in (("mixer", r.method), ("seed", r.seed)):
             groups[key][name].add(value)
         if r.method == "dograph":
             groups[key]["m"].add(r.m)
             groups[key]["objective"].add(r.objective)
     lines = []
-    for (sweep, model, dataset, special, _), values in groups.items():
-        parts = ["python run.py -m", f"model={model}", f"dataset={dataset}"]
+    for (sweep, model, dataset, dataset_options, special, _), values in groups.items():
+        parts = ["python run.py -m", f"model={model}", f"dataset={dataset}", *dataset_options]
         parts += [f"{k}={','.join(str(v) for v in sorted(vs, key=_order))}" for k, vs in values.items()]
         parts += [*scale.common, *(s for s in special if s), f"paths.output_root={scale.runs_root}",
                   f"tags=[{sweep}]"]

@@ -1,11 +1,12 @@
-"""A scale (smoke | cpu | paper) of the paper's experiments, and the runs an artifact asks for.
+"""A scale (smoke | cpu | paper, and the planted-structure study) of the experiments, and the runs an artifact asks for.
 
 The scale's settings live in ``conf/reproduce/<scale>.yaml`` (models and datasets standing for
 the paper's settings, seeds, the overrides every run gets). A :class:`RunRequest` names one run
-by what identifies it in the results index (method, model, dataset, seed, and for DoGraph m and
-the objective); :func:`request_overrides` turns it into the ``run.py`` command line, and the
-fingerprint of that command line (:func:`make_request`) is what a run must carry to count for it
-(``run_info.json``: a hand-made run with other settings, or a run of an older ``common``, does not).
+by what identifies it in the results index (method, model, dataset, seed, for DoGraph m and
+the objective, and on a planted corpus its scenario); :func:`request_overrides` turns it into the
+``run.py`` command line, and the fingerprint of that command line (:func:`make_request`) is what a
+run must carry to count for it (``run_info.json``: a hand-made run with other settings, or a run
+of an older ``common``, does not).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from experiments.index import complete
+from experiments.index import complete, dataset_label
 
 REPO = Path(__file__).resolve().parent.parent
-SCALES = ("smoke", "cpu", "paper")
+SCALES = ("smoke", "cpu", "paper", "planted")  # planted: experiments.planted's artifacts only (issue 18)
 DEFAULT_OBJECTIVE = "uncertainty"  # conf/config.yaml
 DEFAULT_M = 11  # conf/config.yaml
 
@@ -45,6 +46,7 @@ class Scale:
     corpora: dict[str, str]
     description: str = ""
     jobs: int = 1  # runs trained side by side (each with the cores shared out): benchmarks/cpu_jobs.py
+    scenarios: list[str] = field(default_factory=list)  # dataset.planted.scenario of each planted study (issue 18)
 
     @property
     def cache_dir(self) -> Path:
@@ -71,9 +73,10 @@ def load_scale(name: str, *, runs_root: str | Path | None = None, results_dir: s
                  results_dir=results if results.is_absolute() else REPO / results, launch=raw["launch"],
                  seeds=[int(s) for s in raw["seeds"]], methods=list(raw["methods"]), common=list(raw["common"]),
                  method_overrides={k: list(v) for k, v in (raw.get("method_overrides") or {}).items()},
-                 settings=dict(raw["settings"]), model_scale=list(raw["model_scale"]),
-                 m_values=[int(m) for m in raw["m_values"]], objectives=list(raw["objectives"]),
-                 corpora=dict(raw["corpora"]), jobs=int(raw.get("jobs", 1)),
+                 settings=dict(raw["settings"]), model_scale=list(raw.get("model_scale") or []),
+                 m_values=[int(m) for m in raw.get("m_values") or []], objectives=list(raw.get("objectives") or []),
+                 corpora=dict(raw.get("corpora") or {}), jobs=int(raw.get("jobs", 1)),
+                 scenarios=list(raw.get("scenarios") or []),
                  description=" ".join(line.lstrip("# ").strip() for line in header.splitlines()))
 
 
@@ -92,12 +95,15 @@ class RunRequest:
     seed: int
     m: int = DEFAULT_M
     objective: str = DEFAULT_OBJECTIVE
+    scenario: str | None = None  # dataset.planted.scenario (None: not set on the command line)
     sweep: str = field(default="methods", compare=False)  # the conf/experiment sweep that makes it by hand
     fingerprint: str | None = field(default=None, compare=False)  # of request_overrides at its scale (make_request)
 
     def identity(self) -> dict[str, Any]:
-        ident: dict[str, Any] = {"method": self.method, "model": self.model, "dataset": self.dataset,
-                                 "seed": self.seed}
+        ident: dict[str, Any] = {"method": self.method, "model": self.model, "dataset": self.dataset}
+        if self.scenario is not None:  # only planted runs have it (the other requests' identity is unchanged)
+            ident["scenario"] = self.scenario
+        ident["seed"] = self.seed
         if self.method == "dograph":  # m and the objective mean nothing to the other methods
             ident.update(m=self.m, objective=self.objective)
         return ident
@@ -107,12 +113,18 @@ class RunRequest:
 
     def run_dir(self, scale: Scale) -> Path:
         variant = f"m{self.m}_{self.objective}" if self.method == "dograph" else "default"
-        return scale.runs_root / "runs" / self.method / self.model / self.dataset / variant / f"seed{self.seed}"
+        dataset = dataset_label(self.dataset, self.scenario)
+        return scale.runs_root / "runs" / self.method / self.model / dataset / variant / f"seed{self.seed}"
+
+    def dataset_overrides(self) -> list[str]:
+        """The overrides of the dataset's options this request sets beyond ``dataset=NAME`` (its scenario)."""
+        return [] if self.scenario is None else [f"dataset.planted.scenario={self.scenario}"]
 
 
 def request_overrides(request: RunRequest, scale: Scale) -> list[str]:
     """The ``run.py`` overrides of one request at ``scale`` (its run directory fixed, not derived)."""
-    out = [f"mixer={request.method}", f"model={request.model}", f"dataset={request.dataset}", f"seed={request.seed}"]
+    out = [f"mixer={request.method}", f"model={request.model}", f"dataset={request.dataset}",
+           *request.dataset_overrides(), f"seed={request.seed}"]
     if request.method == "dograph":
         out += [f"m={request.m}", f"objective={request.objective}"]
     return [*out, *scale.common, *scale.method_overrides.get(request.method, []),
@@ -121,7 +133,7 @@ def request_overrides(request: RunRequest, scale: Scale) -> list[str]:
 
 def make_request(scale: Scale, method: str, model: str, dataset: str, seed: int, **kwargs: Any) -> RunRequest:
     """A request at ``scale``, with the fingerprint of the overrides the scale gives it (``kwargs``: m, objective,
-    sweep)."""
+    scenario, sweep)."""
     from dograph.runs.app import overrides_fingerprint  # the function run.py records with (imported when needed: heavy)
 
     request = RunRequest(method, model, dataset, seed, **kwargs)

@@ -143,8 +143,10 @@ PAIRED_NOTE = ("Δ vs Uniform: per seed, the method's average loss minus Uniform
 
 
 def paired_difference(index: pd.DataFrame, requests: Sequence[RunRequest], column: str,
-                      reference: str = "uniform") -> Column | None:
+                      reference: str = "uniform", header: str | None = None) -> Column | None:
     """A column of each run's ``column`` minus the ``reference`` method's at the same seed (None: no reference run).
+
+    ``header`` defaults to "Δ vs <reference>"; ``index`` may be any frame of index rows with ``column`` added.
 
     Seeds pair runs that share the initialisation and the seed of everything else, so the paired
     difference cancels the seed-to-seed spread both methods share.
@@ -160,7 +162,7 @@ def paired_difference(index: pd.DataFrame, requests: Sequence[RunRequest], colum
         seed = int(row["seed"])
         return None if value is None or seed not in by_seed else value - by_seed[seed]
 
-    return Column(f"Δ vs {method_name(reference)}", read, 3)
+    return Column(header or f"Δ vs {method_name(reference)}", read, 3)
 LOSS_NOTE = "Loss: mean token cross-entropy in nats; Avg: weighted by the natural mixture; PPL = exp(Avg loss)."
 NO_DOWNSTREAM = ("No run of this table has a downstream evaluation (eval.tasks was empty): the task columns are not "
                  "available; `python -m dograph.eval RUN_DIR eval=paper` adds them.")

@@ -33,6 +33,7 @@ from dograph.data.tokenizer import is_pretrained, pretrained_tokenizer, tokenize
 from dograph.distributed import DistContext, barrier, init_distributed, shutdown
 from dograph.errors import ConfigError, DographError
 from dograph.eval.downstream import check_task_names, evaluate_after_training
+from dograph.eval.planted import planted_report
 from dograph.mixing import Mixer, mixer_name
 from dograph.models import build_model, count_parameters, format_count
 from dograph.runs.pipeline import (
@@ -290,19 +291,25 @@ def print_stage_costs(results: list[StageResult], sweep: SweepResult | None = No
               f"{sweep.table}")
 
 
-def write_run_summary(run_dir: Path, result: TrainResult, domains: list[str]) -> None:
+def write_run_summary(run_dir: Path, result: TrainResult, domains: list[str], natural_mixture: list[float],
+                      planted: dict[str, Any] | None = None) -> None:
     """``summary.json``: the record that a run finished (the experiment index reads it; a crashed run has none).
 
     Written atomically, after the final evaluation and the export. ``train_time_s`` is training only;
     validation and checkpoint seconds are ``eval_time_s`` and ``ckpt_time_s``; ``completed_at`` (UTC)
-    lets the index pick the run completed last when several match one request.
+    lets the index pick the run completed last when several match one request. ``natural_mixture``
+    (per domain) is what ``val/avg_loss`` averages with, kept so a record can average other subsets;
+    ``planted`` is a planted corpus's evaluation-only report (``dograph.eval.planted``).
     """
     state = result.state
     completed = datetime.now(UTC).isoformat(timespec="milliseconds")
     summary = {"status": "complete", "completed_at": completed,
                "steps": state.step, "tokens_seen": state.tokens_seen, "train_time_s": state.elapsed,
                "eval_time_s": state.eval_time_s, "ckpt_time_s": state.ckpt_time_s,
-               "skipped_steps": state.skipped_steps, "domains": domains, "final_eval": result.final_eval}
+               "skipped_steps": state.skipped_steps, "domains": domains,
+               "natural_mixture": dict(zip(domains, natural_mixture, strict=True)), "final_eval": result.final_eval}
+    if planted is not None:
+        summary["planted"] = planted
     weights = result.weight_summary
     if weights.steps:
         sampled, effective = weights.mean_mixtures()
@@ -341,11 +348,15 @@ def train_run(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: d
     try:
         result = trainer.fit(resume=cfg.resume)
         result.outputs = mixer.outputs() if dist.is_main else {}
+        planted = None
+        if not result.stopped_early:  # every rank: the fresh-document loss is a collective like validation
+            planted = planted_report(cfg.dataset, Path(cfg.paths.cache_dir), tok, cfg.trainer.seq_len,
+                                     trainer.evaluate_windows)
         exporting = cfg.trainer.export_hf and not result.stopped_early
         full_state = trainer.full_model_state() if exporting else None  # a collective under fsdp
         if dist.is_main and not result.stopped_early:
             export = export_hf(trainer, tok, run_dir, full_state) if exporting else None
-            write_run_summary(run_dir, result, list(data.corpus.domains))
+            write_run_summary(run_dir, result, list(data.corpus.domains), list(data.corpus.natural_mixture), planted)
             if quiet:
                 print(f"{run_dir.name}: {result.state.step} steps in {result.state.elapsed:.1f} s, validation loss "
                       f"{result.final_eval.get('val/avg_loss', float('nan')):.4f} (natural-mixture average)")

@@ -171,8 +171,12 @@ def corpus_fingerprint(cfg: DataConfig, cache_dir: Path) -> str:
     any rewrite changes the mtime, and a mere copy only retrains); the embedded corpus: its
     manifest (the sha256 of every file, the same on every host); a hub dataset: its id (its
     config and split are in the data config; no revision is pinned); a local ``hf`` directory:
-    its files as for ``jsonl``.
+    its files as for ``jsonl``; a planted corpus: its settings and the sha256 of every file of it.
     """
+    if cfg.planted.active:
+        from dograph.data.corpus import build_corpus
+
+        return "planted:" + build_corpus(cfg, cache_dir).fingerprint
     if cfg.source == "embedded":
         from dograph.data.embedded import ensure_embedded_corpus
 
@@ -284,13 +288,22 @@ def stage_environment(main: RunConfig, dist: DistContext, configs: Sequence[RunC
                             tokenizers=tokenizers)
 
 
+def _dataset_identity(cfg: DataConfig) -> dict[str, Any]:
+    """The data config as the stage key hashes it: ``planted`` only when active, so other keys are unchanged."""
+    identity = asdict(cfg)
+    if not cfg.planted.active:
+        del identity["planted"]
+    return identity
+
+
 def stage_key(method: str, spec: StageSpec, cfg: RunConfig, needed: dict[str, StageResult],
               env: StageEnvironment) -> str:
     """12 hex digits of a hash of everything that determines the stage's result (docs/design.md 3.1)."""
     trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in COSMETIC_TRAINER_FIELDS}
     trainer["precision"] = resolved_precision(cfg.trainer.precision, env.device_type)
     identity = {"format": STAGE_FORMAT_VERSION, "method": method, "stage": spec.name, "model": asdict(cfg.model),
-                "dataset": asdict(cfg.dataset), "corpus": env.corpus, "tokenizer": tokenizer_key_name(cfg.tokenizer),
+                "dataset": _dataset_identity(cfg.dataset), "corpus": env.corpus,
+                "tokenizer": tokenizer_key_name(cfg.tokenizer),
                 "tokenizer_files": env.tokenizer(cfg.tokenizer), "trainer": trainer, "world_size": env.world_size,
                 "seed": cfg.seed, "mixer": spec.mixer, "needs": {name: needed[name].key for name in spec.needs}}
     text = json.dumps(identity, sort_keys=True, default=str)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from dograph.config import TrainerConfig
@@ -207,6 +207,17 @@ class Trainer:
                            lockstep=self.sharded)
         self.writer.write("eval", self.state.step, {**results, "tokens_seen": self.state.tokens_seen})
         return results
+
+    @timed_part("eval_time_s")
+    def evaluate_windows(self, windows: Tensor) -> float:
+        """The mean token loss of extra windows, scored as validation scores a domain, nothing logged.
+
+        Evaluation only, after :meth:`fit`: text outside the run's validation set (a planted corpus's fresh
+        documents, ``dograph.eval.planted``) measured with the same batching, ranks and precision.
+        """
+        results = evaluate(self.model, [windows], ["extra"], [1.0], batch_size=self.cfg.eval_batch_size,
+                           device=self.dist.device, dist=self.dist, autocast=self.autocast, lockstep=self.sharded)
+        return float(results["val/extra/loss"])
 
     def log_train(self, bar: tqdm, started: float, tokens_at_start: int) -> None:
         """One record per log interval; loss and weight statistics are global (one reduction over ranks)."""
