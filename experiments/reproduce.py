@@ -82,14 +82,17 @@ def parse_budget(text: str) -> float:
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "": 60}[match.group(2)]
 
 
-def estimate_run_s(index: pd.DataFrame, scale: Scale) -> Callable[[RunRequest], float]:
+def estimate_run_s(roots: list[Path], scale: Scale) -> Callable[[RunRequest], float]:
     """Seconds a missing run should take, from the measured runs and records of the scale: the median process
     time (``wall_s``) of runs of its method and model (else of its model, else :data:`UNKNOWN_RUN_S`), plus the
-    median cost of the method's earlier stages when none of them is complete under the runs root yet."""
-    done = complete(index)
-    timed = done[done["wall_s"].notna()] if "wall_s" in done.columns else done.iloc[0:0]
+    median cost of the method's earlier stages when none of them is complete under the runs root yet.
+
+    The index is read again at every call, so a run that completed during this invocation informs the next
+    estimate."""
 
     def estimate(request: RunRequest) -> float:
+        done = complete(build_index(roots))
+        timed = done[done["wall_s"].notna()] if "wall_s" in done.columns else done.iloc[0:0]
         same = timed[(timed["method"] == request.method) & (timed["model"] == request.model)]
         pool = same if not same.empty else timed[timed["model"] == request.model]
         seconds = float(pool["wall_s"].median()) if not pool.empty else UNKNOWN_RUN_S
@@ -124,7 +127,7 @@ def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = N
             print(f"      record: {relative(write_record(run_dir, records_root(scale)))}", flush=True)
 
         outcome = train_missing(missing, scale, jobs=jobs or scale.jobs, budget_s=budget_s,
-                                estimate_s=estimate_run_s(index, scale), on_done=record)
+                                estimate_s=estimate_run_s(roots, scale), on_done=record)
         if outcome.failed:
             print(f"{len(outcome.failed)} runs failed; their artifacts show them as not available:", flush=True)
             for request, log_path in outcome.failed.items():

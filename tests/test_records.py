@@ -138,6 +138,21 @@ def test_the_scheduler_starts_only_what_fits_in_the_budget_in_order(tmp_path: Pa
     assert json.loads((requests[0].run_dir(scale) / "launch.json").read_text())["jobs"] == 2
 
 
+def test_the_estimate_reads_the_runs_recorded_so_far(tmp_path: Path) -> None:
+    """The median recorded wall time of the method and model; another method of the model; 15 minutes."""
+    from experiments.reproduce import UNKNOWN_RUN_S, estimate_run_s
+
+    scale = synthetic_scale(tmp_path / "runs")
+    estimate = estimate_run_s([scale.runs_root], scale)
+    dograph = make_request(scale, "dograph", "gpt2_tiny", "embedded", 2)
+    assert estimate(dograph) == UNKNOWN_RUN_S
+    staged_run(scale.runs_root, scale, "u0", "uniform", 0)  # wall_s 30 (launch.json)
+    assert estimate(dograph) == 30.0  # read again: the run recorded since counts
+    staged_run(scale.runs_root, scale, "g0", "dograph", 0)
+    staged_run(scale.runs_root, scale, "g1", "dograph", 1)
+    assert estimate(dograph) == 30.5
+
+
 def fixture_scale(results_dir: Path, runs_root: Path) -> Scale:
     return replace(synthetic_scale(runs_root), results_dir=results_dir)
 
