@@ -17,7 +17,8 @@ from dograph.data.embedded.common import (
     DEFAULT_DOMAINS,
     DEFAULT_MAX_BYTES_PER_DOMAIN,
     MAX_DOC_CHARS,
-    _sha256_file,
+    publish_build,
+    sha256_file,
 )
 from dograph.errors import ConfigError, DataError
 
@@ -47,7 +48,7 @@ def ensure_embedded_corpus(cache_dir: Path, *, min_domains: int = 4,
     try:
         build._build_corpus(tmp, names, max_bytes_per_domain, need, log)  # via the module: patchable
         os.chmod(tmp, 0o755)
-        _publish(tmp, target)
+        publish_build(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -70,15 +71,6 @@ def _version_name(names: list[str], cap: int) -> str:
     return f"{CORPUS_VERSION}-{hashlib.sha256(params.encode()).hexdigest()[:10]}"
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Atomically move the finished build into place (another process may have won the race)."""
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "manifest.json").is_file():
-            raise
-
-
 def _load_verified(target: Path, need: int) -> dict[str, Any]:
     """The manifest of an existing corpus, after checking every jsonl file against it."""
     hint = f"delete {target} to rebuild it"
@@ -90,7 +82,7 @@ def _load_verified(target: Path, need: int) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{mpath} is missing or unreadable ({exc}); {hint}") from exc
     for path, size, digest in entries.values():
-        if not path.is_file() or path.stat().st_size != size or _sha256_file(path) != digest:
+        if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
             raise DataError(f"{path} is missing or does not match the sha256 in {mpath}; {hint}")
     if len(entries) < need:
         raise DataError(f"{target} holds {len(entries)} domains, fewer than the {need} required; {hint}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,7 +54,16 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _sha256_file(path: Path) -> str:
+def publish_build(tmp: Path, target: Path) -> None:
+    """Atomically move a finished cache build into place (another process may have won the race)."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "manifest.json").is_file():
+            raise
+
+
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

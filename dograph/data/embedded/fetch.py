@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dograph.data.embedded.common import _Artifact, _reason, _sha256_file
+from dograph.data.embedded.common import _Artifact, _reason, sha256_file
 from dograph.data.embedded.licences import _NOTES, _deb_licence, _deb_note, _wheel_licence
 from dograph.data.embedded.text import _stdlib_files
 from dograph.errors import DataError
@@ -155,7 +155,7 @@ def _unpack_deb(key: str, package: str, deb: Path, root: Path) -> _Artifact:
     _run(["dpkg-deb", "-x", str(deb), str(root)], _TIMEOUT_DPKG_S)
     version = _run(["dpkg-deb", "--field", str(deb), "Version"], _TIMEOUT_TOOL_S).decode().strip()
     licence, origin = _deb_licence(package, root / "usr/share/doc" / package / "copyright")
-    return _Artifact(key, package, version, licence, origin, deb.name, _sha256_file(deb), root,
+    return _Artifact(key, package, version, licence, origin, deb.name, sha256_file(deb), root,
                      _deb_note(package))
 
 
@@ -170,7 +170,7 @@ def _fetch_wheel(key: str, spec: str, dest: Path) -> _Artifact:
     with zipfile.ZipFile(wheels[0]) as archive:
         meta = archive.read(f"{name}-{version}.dist-info/METADATA").decode("utf-8", "replace")
     return _Artifact(key, name, version, _wheel_licence(meta), "wheel METADATA", wheels[0].name,
-                     _sha256_file(wheels[0]), wheels[0], _NOTES.get(name, ""))
+                     sha256_file(wheels[0]), wheels[0], _NOTES.get(name, ""))
 
 
 def _local_artifact(key: str) -> _Artifact:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dograph.config import DataConfig, PlantedConfig
+from dograph.data.embedded.common import publish_build, sha256_file
 from dograph.data.planted.scenarios import SCENARIOS, Plan, Records, utf8_bytes
 from dograph.data.sources import Corpus, jsonl_directory_corpus, text_digest
 from dograph.errors import DataError
@@ -70,7 +71,7 @@ def ensure_planted_corpus(cfg: DataConfig, cache_dir: Path, base: Corpus,
     try:
         manifest = _build(tmp, target.name, cfg, base)
         os.chmod(tmp, 0o755)
-        _publish(tmp, target)
+        publish_build(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"[planted] built {target} in {manifest['build_seconds']:.1f} s ({planted.scenario}: {_summary(manifest)})")
@@ -137,23 +138,6 @@ def _write(root: Path, relative: str, records: Records) -> dict[str, Any]:
             "text_bytes": text_bytes}
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move the finished build into place (another process may have won the race)."""
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "manifest.json").is_file():
-            raise
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_manifest(directory: Path) -> dict[str, Any]:
     """The manifest of a built planted corpus, after checking every file it lists (size and sha256)."""
     hint = f"delete {directory} to rebuild it"
@@ -165,7 +149,7 @@ def load_manifest(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path} is missing or unreadable ({exc}); {hint}") from exc
     for file, size, digest in files:
-        if not file.is_file() or file.stat().st_size != size or _sha256_file(file) != digest:
+        if not file.is_file() or file.stat().st_size != size or sha256_file(file) != digest:
             raise DataError(f"{file} is missing or does not match the sha256 in {path}; {hint}")
     return manifest
 
