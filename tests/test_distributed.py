@@ -65,8 +65,10 @@ def test_ddp_matches_single_process(tiny_overrides: list[str], tmp_path: Path, m
         assert [s[0]["device"] for s in summaries] == ["cpu x 1", "cpu x 2"] and not summaries[1][0]["reused"]
 
 
-def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str, micro: int = 1) -> None:
-    """Run 4 DoGraph steps on this rank's slice of fixed global batches (in ``micro`` micro-batches); save grads."""
+def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: str, micro: int = 1,
+                   rule: str = "cluster_mean") -> None:
+    """Run 4 DoGraph steps on this rank's slice of fixed global batches (in ``micro`` micro-batches), with the
+    sample-weight rule ``rule`` (``mixer.sample_weights``); save grads."""
     import functools
 
     import torch
@@ -82,7 +84,8 @@ def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: st
     ctx_dist = DistContext(rank=rank, world_size=world)
     model = ddp_model()
     mixer = DoGraphMixer(num_clusters=2, objective=functools.partial(UncertaintyObjective),
-                         projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8, dist=ctx_dist)
+                         projection=KroneckerProjector(rank=4, out_dim=16, seed=1), buffer_size=8, dist=ctx_dist,
+                         sample_weights=rule, shrink=0.5 if rule == "shrink" else None)
     ctx = StepContext(model, mixer, ctx_dist, 8, lambda: torch.autocast("cpu", enabled=False))
     runner = build_step_runner(ctx, "two_pass" if two_pass else "fast")
     records = []
@@ -91,26 +94,46 @@ def _dograph_steps(rank: int, world: int, port: int, two_pass: bool, out_dir: st
         records.append({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "skipped": result.skipped})
         model.zero_grad(set_to_none=True)
-    torch.save(records, f"{out_dir}/rank{rank}_world{world}_micro{micro}_{'two' if two_pass else 'fast'}.pt")
+    torch.save(records, f"{out_dir}/{_grads_file(rank, world, micro, two_pass, rule)}")
     leave_gloo(world)
 
 
-@pytest.mark.parametrize(("two_pass", "micro"), [(False, 1), (True, 1), (False, 2)],
-                         ids=["fast", "two_pass", "fast_2_micro_batches"])
-def test_dograph_ddp_gradients_equal_single_process(tmp_path: Path, two_pass: bool, micro: int) -> None:
-    """Weights come from the gathered global batch, so 2 ranks (x ``micro`` micro-batches) reproduce one process."""
+def _grads_file(rank: int, world: int, micro: int, two_pass: bool, rule: str) -> str:
+    return f"rank{rank}_world{world}_micro{micro}_{'two' if two_pass else 'fast'}_{rule}.pt"
+
+
+@pytest.mark.parametrize(("two_pass", "micro", "rule"),
+                         [(False, 1, "cluster_mean"), (True, 1, "cluster_mean"), (False, 2, "cluster_mean"),
+                          (False, 1, "tilt"), (True, 1, "tilt"), (False, 1, "shrink"), (True, 1, "shrink")],
+                         ids=["fast", "two_pass", "fast_2_micro_batches", "fast_tilt", "two_pass_tilt", "fast_shrink",
+                              "two_pass_shrink"])
+def test_dograph_ddp_gradients_equal_single_process(tmp_path: Path, two_pass: bool, micro: int, rule: str) -> None:
+    """Weights come from the gathered global batch, so 2 ranks (x ``micro`` micro-batches) reproduce one process,
+    with the paper's sample weights and with our variants (``mixer.sample_weights``)."""
     import torch
     import torch.multiprocessing as mp
 
-    _dograph_steps(0, 1, 0, two_pass, str(tmp_path))
-    mp.spawn(_dograph_steps, args=(2, free_port(), two_pass, str(tmp_path), micro), nprocs=2, join=True)
-    tag = "two" if two_pass else "fast"
-    single = torch.load(tmp_path / f"rank0_world1_micro1_{tag}.pt", weights_only=False)
-    ranks = [torch.load(tmp_path / f"rank{r}_world2_micro{micro}_{tag}.pt", weights_only=False) for r in (0, 1)]
+    _dograph_steps(0, 1, 0, two_pass, str(tmp_path), rule=rule)
+    mp.spawn(_dograph_steps, args=(2, free_port(), two_pass, str(tmp_path), micro, rule), nprocs=2, join=True)
+    single = torch.load(tmp_path / _grads_file(0, 1, 1, two_pass, rule), weights_only=False)
+    ranks = [torch.load(tmp_path / _grads_file(r, 2, micro, two_pass, rule), weights_only=False) for r in (0, 1)]
     assert not any(record["skipped"] for record in single)
     for step in range(4):
         for rank in ranks:
             assert_same_gradients(single[step]["grads"], rank[step]["grads"], step)
+
+
+@pytest.mark.parametrize("rule", ["cluster_mean", "tilt", "shrink"])
+def test_dograph_one_backward_equals_two_pass_for_every_sample_weight_rule(tmp_path: Path, rule: str) -> None:
+    """The one-backward update forms ``sum_i v_i g_i`` for whatever ``v`` the rule gives: equal to the reference."""
+    import torch
+
+    for two_pass in (False, True):
+        _dograph_steps(0, 1, 0, two_pass, str(tmp_path), rule=rule)
+    fast, reference = (torch.load(tmp_path / _grads_file(0, 1, 1, two_pass, rule), weights_only=False)
+                       for two_pass in (False, True))
+    for step in range(4):
+        assert_same_gradients(reference[step]["grads"], fast[step]["grads"], step)
 
 
 def _window_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:

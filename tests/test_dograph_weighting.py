@@ -314,3 +314,72 @@ def test_one_host_synchronisation_per_rank_and_step(monkeypatch: pytest.MonkeyPa
     out = mixer.weigh(local)
     assert "mixer/refresh/step" not in out.metrics and out.sample_weights is not None
     assert copies.count == 1
+
+
+# ---- mixer.sample_weights: the paper's update and our variants (issue 19; docs/design.md section 2.5) ----------
+def _rule_case() -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    w = torch.tensor([0.5, 0.0, 0.2, 0.3])  # cluster 1 absent
+    assign = torch.tensor([0, 2, 2, 3, 0, 3, 3, 2, 2])
+    counts = np.bincount(assign.numpy(), minlength=4)
+    return w, assign, w.numpy().astype(np.float64), counts
+
+
+def test_cluster_mean_is_the_papers_update() -> None:
+    w, assign, wn, counts = _rule_case()
+    v = per_sample_weights(w, assign, 4, "cluster_mean").numpy()
+    a = assign.numpy()
+    np.testing.assert_allclose(v, wn[a] / (counts[a] * wn[counts > 0].sum()), rtol=1e-6)
+    g = np.random.default_rng(0).normal(size=(len(a), 5))  # sum_i v_i g_i == sum_k w_k gbar_k
+    gbar = np.stack([g[a == k].mean(0) if counts[k] else np.zeros(5) for k in range(4)])
+    np.testing.assert_allclose(v @ g, wn @ gbar / wn[counts > 0].sum(), rtol=1e-5)
+    assert torch.equal(per_sample_weights(w, assign, 4), per_sample_weights(w, assign, 4, "cluster_mean"))
+
+
+def test_tilt_is_a_per_sample_multiplier() -> None:
+    w, assign, wn, _ = _rule_case()
+    v = per_sample_weights(w, assign, 4, "tilt").numpy()
+    a = assign.numpy()
+    np.testing.assert_allclose(v, wn[a] / wn[a].sum(), rtol=1e-6)
+    # v_i / v_j = w_c(i) / w_c(j) whatever the cluster sizes (cluster 0: 2 samples, cluster 2: 4)
+    assert v[0] / v[1] == pytest.approx(0.5 / 0.2, rel=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [[1, 7, 3], [5, 5, 1], [16, 1, 1]])
+def test_tilt_with_equal_weights_is_exactly_the_plain_mean(sizes: list[int]) -> None:
+    assign = torch.as_tensor(np.repeat(np.arange(3), sizes))
+    for weight in (1 / 3, 0.25, 7.0):
+        v = per_sample_weights(torch.full((3,), weight), assign, 3, "tilt")
+        assert torch.equal(v, torch.full((len(assign),), 1.0 / len(assign)))
+    # an absent cluster's weight does not matter (it is 0 once solved; any value here)
+    v = per_sample_weights(torch.tensor([0.3, 0.3, 0.3, 0.9]), assign, 4, "tilt")
+    assert torch.equal(v, torch.full((len(assign),), 1.0 / len(assign)))
+
+
+def test_shrink_blends_the_plain_mean_and_the_papers_update() -> None:
+    w, assign, _, _ = _rule_case()
+    paper = per_sample_weights(w, assign, 4, "cluster_mean")
+    plain = torch.full_like(paper, 1 / len(assign))
+    for alpha in (0.0, 0.25, 0.5, 1.0):
+        v = per_sample_weights(w, assign, 4, "shrink", alpha)
+        torch.testing.assert_close(v, alpha * plain + (1 - alpha) * paper)
+        assert float(v.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(per_sample_weights(w, assign, 4, "shrink", 0.0), paper)
+
+
+@pytest.mark.parametrize("rule", ["tilt", "shrink"])
+def test_variants_fall_back_to_the_plain_mean_without_present_mass(rule: str) -> None:
+    v = per_sample_weights(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1, 1, 2, 2]), 3, rule, 0.5)
+    assert torch.equal(v, torch.full((4,), 0.25))
+    nan = per_sample_weights(torch.tensor([float("nan"), 0.5, 0.5]), torch.tensor([0, 1, 2]), 3, rule, 0.5)
+    assert torch.equal(nan, torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("rule", ["tilt", "shrink"])
+def test_the_mixer_applies_its_sample_weight_rule(rule: str) -> None:
+    mixer = make_mixer(objective_kwargs={"graph_weight": 0.0, "proximal_weight": 0.0}, sample_weights=rule,
+                       shrink=0.5 if rule == "shrink" else None)
+    host, assign = host_for([0, 1, 2, 4], variances=[0.01, 1.0, 2.0, 4.0])
+    v, _, metrics = solve(mixer, host, assign)
+    w = torch.as_tensor(metrics["mixer/weights"], dtype=torch.float32)
+    torch.testing.assert_close(v, per_sample_weights(w, assign, 4, rule, 0.5))
+    assert not torch.allclose(v, per_sample_weights(w, assign, 4, "cluster_mean"))

@@ -10,7 +10,8 @@ Each step (on rank 0, with the global batch gathered from every rank):
    per-cluster EMA statistics and the cosine graph are updated (2.3);
 4. the objective gives weights ``w`` over the clusters *present in the global batch*, from
    their EMA statistics (absent clusters get 0 that step, 2.4, 2.5);
-5. per-sample loss weights ``v_i = w_c(i) / (n_c(i) * sum_{present k} w_k)`` (2.5) are
+5. per-sample loss weights ``v_i = w_c(i) / (n_c(i) * sum_{present k} w_k)`` (2.5; the paper's
+   update, ``mixer.sample_weights=cluster_mean``; ``tilt`` and ``shrink`` are our variants) are
    broadcast, so every rank applies the same weights.
 
 Host synchronisation, per rank and step: one. Rank 0 copies the statistics, the
@@ -42,25 +43,44 @@ from dograph.method.objectives import Objective, ObjectiveInputs
 from dograph.mixer_history import MixerHistory
 from dograph.mixing import Mixer, MixerOutput, Signal, StepSignals
 from dograph.reporting import markdown_table
-from dograph.settings import Settings, require
+from dograph.settings import Settings, require, require_number
 from dograph.step.projection import KroneckerProjector
 from dograph.step.timing import StepTimer
 
 log = logging.getLogger(__name__)
 
 
-def per_sample_weights(cluster_weights: Tensor, assign: Tensor, num_clusters: int) -> Tensor:
-    """``v_i = w_c(i) / (n_c(i) * sum_{k present} w_k)`` (docs/design.md section 2.5); sums to 1 over the batch.
+SAMPLE_WEIGHT_RULES = ("cluster_mean", "tilt", "shrink")  # mixer.sample_weights (docs/design.md section 2.5)
+
+
+def per_sample_weights(cluster_weights: Tensor, assign: Tensor, num_clusters: int, rule: str = "cluster_mean",
+                       shrink: float = 0.0) -> Tensor:
+    """Per-sample loss weights from cluster weights; they sum to 1 over the batch (docs/design.md section 2.5).
+
+    - ``cluster_mean`` (the paper's update ``sum_k w_k gbar_k``): ``v_i = w_c(i) / (n_c(i) * sum_{k present} w_k)``;
+    - ``tilt`` (ours): the cluster weight as a per-sample multiplier, ``v_i = w_c(i) / sum_j w_c(j)``, so equal
+      cluster weights give the plain mean ``1 / B`` whatever the cluster sizes;
+    - ``shrink`` (ours): ``v_i = shrink / B + (1 - shrink) * cluster_mean_i``, ``shrink`` in [0, 1] (0: the
+      paper's update, 1: the plain mean).
 
     When the present clusters carry no finite positive mass the plain mean ``1 / B`` is
     returned instead (no host synchronisation; :class:`DoGraphMixer` checks the mass on the
     host first and logs the fallback).
     """
+    if rule not in SAMPLE_WEIGHT_RULES:
+        raise ValueError(f"unknown sample-weight rule {rule!r} (one of {', '.join(SAMPLE_WEIGHT_RULES)})")
     counts = torch.bincount(assign, minlength=num_clusters).to(cluster_weights.dtype)
     present_mass = (cluster_weights * (counts > 0)).sum()
-    weights = cluster_weights[assign] / (counts[assign] * present_mass)
-    usable = torch.isfinite(present_mass) & (present_mass > 0)
-    return torch.where(usable, weights, torch.full_like(weights, 1.0 / len(assign)))
+    plain = torch.full_like(cluster_weights[assign], 1.0 / len(assign))
+    if rule == "tilt":  # scaled by the largest present weight first, so equal weights give exactly 1 / B
+        scaled = cluster_weights / (cluster_weights * (counts > 0)).max()
+        weights = scaled[assign] / scaled[assign].sum()
+    else:
+        weights = cluster_weights[assign] / (counts[assign] * present_mass)
+        if rule == "shrink":
+            weights = shrink * plain + (1.0 - shrink) * weights
+    usable = torch.isfinite(present_mass) & (present_mass > 0)  # the tilt's mass is then finite and positive too
+    return torch.where(usable, weights, plain)
 
 
 def present_mass_is_usable(cluster_weights: np.ndarray, sizes: np.ndarray) -> bool:
@@ -103,6 +123,8 @@ class DoGraphSettings(Settings):
     kmeans_warm_iterations: int  # iterations of a warm-started refresh
     kmeans_restarts: int  # k-means++ restarts at the first clustering
     max_consecutive_fallbacks: int  # log an error after this many solver fallbacks in a row (>= 1)
+    sample_weights: Literal["cluster_mean", "tilt", "shrink"]  # cluster weights -> sample weights (2.5; paper: first)
+    shrink: float | None  # with sample_weights=shrink (only): the plain mean's share in [0, 1]
 
     def check(self) -> None:
         require(self.buffer_size >= 1, "mixer.buffer_size", "must be >= 1", self.buffer_size)
@@ -112,6 +134,13 @@ class DoGraphSettings(Settings):
         require(self.recluster_every is None or self.recluster_every >= 1, "mixer.recluster_every",
                 "must be >= 1 or null", self.recluster_every)
         require(0.0 <= self.ema_beta < 1.0, "mixer.ema_beta", "must be in [0, 1)", self.ema_beta)
+        if self.sample_weights == "shrink":
+            if self.shrink is None:
+                raise ConfigError("mixer.sample_weights=shrink needs mixer.shrink, the plain mean's share in [0, 1]")
+            require_number(self.shrink, "mixer.shrink", low=0.0, high=1.0)
+        elif self.shrink is not None:
+            raise ConfigError(f"mixer.shrink={self.shrink} applies only to mixer.sample_weights=shrink (got "
+                              f"mixer.sample_weights={self.sample_weights})")
         require(self.max_consecutive_fallbacks >= 1, "mixer.max_consecutive_fallbacks", "must be >= 1",
                 self.max_consecutive_fallbacks)
 
@@ -133,9 +162,11 @@ class DoGraphMixer(Mixer):
                  buffer_size: int = 4096, recluster_every: int | None = None, ema_beta: float = 0.9,
                  kmeans_iterations: int = 3, kmeans_warm_iterations: int = 1, kmeans_restarts: int = 3,
                  cluster_on: str = "direction", max_consecutive_fallbacks: int = 10,
+                 sample_weights: str = "cluster_mean", shrink: float | None = None,
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
         self.cluster_on = cluster_on
+        self.sample_weights, self.shrink = sample_weights, shrink or 0.0
         self.m, self.buffer_size, self.recluster_every = num_clusters, buffer_size, recluster_every
         self.ema_beta, self.domains = ema_beta, list(domains)
         self.max_consecutive_fallbacks = max_consecutive_fallbacks
@@ -258,7 +289,7 @@ class DoGraphMixer(Mixer):
             return None, _PLAIN, metrics
         self.w_last = np.where(present, weights, self.w_last)
         w = torch.as_tensor(weights, dtype=torch.float32).to(assign.device, non_blocking=True)
-        return per_sample_weights(w, assign, self.m), _WEIGHTS, metrics
+        return per_sample_weights(w, assign, self.m, self.sample_weights, self.shrink), _WEIGHTS, metrics
 
     def _previous_weights(self, present: np.ndarray) -> np.ndarray:
         """``w_prev`` of the proximal term: each present cluster's last weight, renormalised over them (our choice)."""
