@@ -16,7 +16,7 @@ REPRODUCE_FLAGS = $(if $(BUDGET),--budget $(BUDGET)) $(if $(JOBS),--jobs $(JOBS)
 ARTIFACTS := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 \
 	figure1 figure2 figure3 figure4 figure5
 
-.PHONY: help install demo test test-all lint clean distclean bench bench-fsdp gpu-wheels bench-gpu paper planted \
+.PHONY: help install demo test test-all lint clean distclean bench bench-fsdp gpu-wheels bench-gpu paper planted pays \
 	$(ARTIFACTS) clean-results
 
 help:  ## List the targets
@@ -63,10 +63,13 @@ paper: $(STAMP)  ## Every paper table and figure at SCALE=smoke|cpu|paper into r
 planted: $(STAMP)  ## The planted-structure study: 7 methods x 3 scenarios x 3 seeds into results/planted/ (BUDGET=100m JOBS=2)
 	$(PY) -m experiments.reproduce planted --scale planted $(REPRODUCE_FLAGS)
 
+pays: $(STAMP)  ## When DoGraph pays (issue 19): ESS cost, sample-weight variants, longer runs into results/pays/ (BUDGET=100m JOBS=2)
+	$(PY) -m experiments.reproduce pays --scale pays $(REPRODUCE_FLAGS)
+
 $(ARTIFACTS): $(STAMP)  ## (make table1 ... table10, figure1 ... figure5 SCALE=...) one paper artifact
 	$(PY) -m experiments.reproduce $@ --scale $(SCALE) $(REPRODUCE_FLAGS)
 
-clean-results:  ## Remove the runs and artifacts of SCALE (outputs/reproduce/$(SCALE), results/$(SCALE); SCALE=planted too)
+clean-results:  ## Remove the runs and artifacts of SCALE (outputs/reproduce/$(SCALE), results/$(SCALE); SCALE=planted, pays too)
 	rm -rf outputs/reproduce/$(SCALE) results/$(SCALE)
 
 clean:  ## Remove run outputs and tool caches (keeps .venv and the data cache)

@@ -12,6 +12,7 @@ record in the ``record`` column.
 Columns (a missing value is NaN / None):
   run_dir, source ("run" | "record"), record (the record of a live run), status,
   method, model, dataset, scenario (only for a run on a planted corpus: ``dataset.planted.scenario``),
+  variant (only for a study's variant run: its tag ``variant:NAME``, issue 19),
   objective, trainer, m, seed, tags, max_steps,
   fingerprint (of the run's command-line overrides, ``run_info.json``; None without Hydra), overrides,
   wall_s (the run's process seconds, when ``experiments.runs.train_missing`` trained it),
@@ -47,7 +48,9 @@ log = logging.getLogger(__name__)
 # Run directories made before the package layout of issue 16 name DoGraph's mixer by its former module.
 FORMER_TARGETS = {"dograph.dograph_mixer.DoGraphMixer": "dograph"}
 TIMINGS = ("mixer/time_solve_s", "mixer/time_cluster_s", "mixer/time_kmeans_s", "mixer/time_projection_s")
-IDENTITY = ("method", "model", "dataset", "scenario", "objective", "m", "seed")
+IDENTITY = ("method", "model", "dataset", "scenario", "variant", "objective", "m", "seed")
+OPTIONAL_IDENTITY = ("scenario", "variant")  # columns only some runs have (the others' index.csv is unchanged)
+VARIANT_TAG = "variant:"  # the tag (``tags=[variant:NAME]``) naming a study's variant run (issue 19)
 TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds: training, validation, checkpoints
 RECORD_FILE = "record.json"  # marks a run record (experiments.records)
 DERIVED = "derived"  # points a figure computed from a run's checkpoints, kept in the run and its record
@@ -157,6 +160,9 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     }
     if (scenario := planted_scenario(cfg)) is not None:  # no column at all for the other runs (index.csv unchanged)
         row["scenario"] = scenario
+    variants = [t[len(VARIANT_TAG):] for t in cfg.get("tags") or [] if str(t).startswith(VARIANT_TAG)]
+    if variants:  # likewise: only a study's variant runs have the column
+        row["variant"] = variants[0]
     last_eval, timings = _read_metrics(run_dir)
     row.update(timings)
     summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
@@ -222,7 +228,7 @@ def build_index(roots: Iterable[Path]) -> pd.DataFrame:
     rows = _merge_records([row for d in find_run_dirs(roots) if (row := read_run(d)) is not None])
     frame = pd.DataFrame(rows)
     if frame.empty:
-        kept = [c for c in IDENTITY if c != "scenario"]  # a column only planted runs have (module docstring)
+        kept = [c for c in IDENTITY if c not in OPTIONAL_IDENTITY]  # columns only some runs have (module docstring)
         frame = pd.DataFrame(columns=["run_dir", "status", *kept, "fingerprint"])
     return frame
 

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from experiments.index import DERIVED, RECORD_FILE, dataset_label, hydra_choices, read_run
-from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides
+from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides, same_identity
 
 RECORD_FORMAT = 1
 COPIED = ("run_info.json", "summary.json", "metrics.jsonl", "eval/scores.json", "launch.json")
@@ -56,6 +56,7 @@ def record_id(row: dict[str, Any]) -> str:
     """``<method>-<model>-<dataset>-<variant>-seed<k>-<fingerprint>`` of an index row (the dataset of a planted
     scenario: ``planted_<scenario>``)."""
     variant = f"m{row['m']}_{row['objective']}" if row["method"] == "dograph" else "default"
+    variant += f"_{row['variant']}" if isinstance(row.get("variant"), str) else ""
     dataset = dataset_label(row["dataset"], row.get("scenario"))
     return f"{row['method']}-{row['model']}-{dataset}-{variant}-seed{row['seed']}-{row['fingerprint']}"
 
@@ -119,15 +120,18 @@ def write_record(run_dir: Path, root: Path) -> Path:
     return target
 
 
-def record_missing(index: pd.DataFrame, requests: list[RunRequest], root: Path) -> list[Path]:
-    """Write a record for every request whose chosen run is a live directory without one; returns the new ones."""
+def record_missing(index: pd.DataFrame, requests: list[RunRequest], root: Path, runs_root: Path | None = None
+                   ) -> list[Path]:
+    """Write a record for every request whose chosen run is a live directory without one (under ``runs_root``
+    when given: another scale's runs are that scale's to record); returns the new ones."""
     written = []
     for request in requests:
         found = find_run(index, request)
         if found.empty:
             continue
         row = found.iloc[-1]
-        if row.get("source") == "run" and not isinstance(row.get("record"), str):
+        inside = runs_root is None or Path(row["run_dir"]).resolve().is_relative_to(runs_root.resolve())
+        if row.get("source") == "run" and not isinstance(row.get("record"), str) and inside:
             written.append(write_record(Path(row["run_dir"]), root))
     return written
 
@@ -135,7 +139,7 @@ def record_missing(index: pd.DataFrame, requests: list[RunRequest], root: Path) 
 def stale_records(index: pd.DataFrame, requests: list[RunRequest], scale: Scale) -> list[tuple[str, str]]:
     """Records that no request reads any more, with why: (record directory, reason).
 
-    A record is stale when a request has its identity (method, model, dataset, seed, m, objective)
+    A record of the scale's own is stale when a request has its identity (:func:`same_identity`)
     but another overrides fingerprint: the scale's ``common`` or ``method_overrides`` changed since
     it was made. The reason names the overrides that differ.
     """
@@ -143,10 +147,11 @@ def stale_records(index: pd.DataFrame, requests: list[RunRequest], scale: Scale)
         return []
     wanted = {r.fingerprint: r for r in requests}
     out = []
+    own = records_root(scale).resolve()
     for _, row in index[index["source"] == "record"].iterrows():
-        if row.get("fingerprint") in wanted:
-            continue
-        same = [r for r in requests if all(row.get(k) == v for k, v in r.identity().items())]
+        if row.get("fingerprint") in wanted or not Path(row["run_dir"]).resolve().is_relative_to(own):
+            continue  # read, or another scale's record (that scale says whether it is stale)
+        same = [r for r in requests if same_identity(row, r)]
         if not same:
             continue
         now = set(_canonical(request_overrides(same[0], scale)))

@@ -25,6 +25,7 @@ import pandas as pd
 from experiments.artifact import Artifact, NothingToPlot
 from experiments.index import IDENTITY, build_index, complete
 from experiments.paper import ARTIFACTS, TRAINING_PRIORITY
+from experiments.pays import PAYS_ARTIFACTS
 from experiments.planted import PLANTED_ARTIFACTS
 from experiments.records import portable, record_missing, records_root, stale_records, write_record
 from experiments.runs import describe_missing, missing_runs, relative, train_missing
@@ -34,30 +35,36 @@ UNKNOWN_RUN_S = 900.0  # the estimate of a run with no measured run of its model
 LOCAL_COLUMNS = ("source", "record", "overrides")  # index columns that depend on where the runs are read from
 
 
-GROUPS: dict[str, dict[str, Artifact]] = {"paper": ARTIFACTS, "planted": PLANTED_ARTIFACTS}
+GROUPS: dict[str, dict[str, Artifact]] = {"paper": ARTIFACTS, "planted": PLANTED_ARTIFACTS, "pays": PAYS_ARTIFACTS}
 
 
 def artifacts_named(names: list[str]) -> list[Artifact]:
-    """The artifacts ``names`` names, in order: entries of ``experiments.paper.ARTIFACTS`` or of
-    ``experiments.planted.PLANTED_ARTIFACTS``, or a whole registry by its group name (``paper``, ``planted``)."""
-    known: dict[str, Artifact] = {**ARTIFACTS, **PLANTED_ARTIFACTS}
+    """The artifacts ``names`` names, in order: entries of a registry (``experiments.paper.ARTIFACTS``,
+    ``experiments.planted.PLANTED_ARTIFACTS``, ``experiments.pays.PAYS_ARTIFACTS``), or a whole registry by its
+    group name (``paper``, ``planted``, ``pays``)."""
+    known: dict[str, Artifact] = {name: a for registry in GROUPS.values() for name, a in registry.items()}
     unknown = [n for n in names if n not in known and n not in GROUPS]
     if unknown:
-        raise ValueError(f"unknown artifact {unknown[0]!r}: choose from {', '.join(ARTIFACTS)} or paper; "
-                         f"{', '.join(PLANTED_ARTIFACTS)} or planted")
+        choices = "; ".join(f"{', '.join(registry)} or {group}" for group, registry in GROUPS.items())
+        raise ValueError(f"unknown artifact {unknown[0]!r}: choose from {choices}")
     chosen = [a for group, registry in GROUPS.items() if group in names for a in registry.values()]
     return chosen + [known[n] for n in dict.fromkeys(names) if n not in GROUPS and known[n] not in chosen]
 
 
+def group_of(artifact: Artifact) -> str:
+    return next(group for group, registry in GROUPS.items() if artifact.name in registry)
+
+
 def check_scale(artifacts: list[Artifact], scale: Scale) -> None:
-    """The planted artifacts are built at a scale with scenarios (``planted``), the paper's at one without."""
+    """Each registry's artifacts are built at the scales of its group (``group:`` in the scale's yaml): the paper's
+    at smoke, cpu or paper, the planted study's at planted, the pays study's at pays."""
     for artifact in artifacts:
-        planted = artifact.name in PLANTED_ARTIFACTS
-        if planted and not scale.scenarios:
-            raise ValueError(f"{artifact.name} is built at the planted scale (--scale planted), not at {scale.name}")
-        if not planted and scale.scenarios:
-            raise ValueError(f"{artifact.name} is a paper artifact: build it at smoke, cpu or paper, not at the "
-                             f"{scale.name} scale (its artifacts: {', '.join(PLANTED_ARTIFACTS)} or planted)")
+        group = group_of(artifact)
+        if group != scale.group:
+            at = [name for name in SCALES if load_scale(name).group == group]
+            raise ValueError(f"{artifact.name} is a {group} artifact: build it at {' or '.join(at)} (--scale), not "
+                             f"at the {scale.name} scale (its artifacts: {', '.join(GROUPS[scale.group])} or "
+                             f"{scale.group})")
 
 
 def needed_runs(artifacts: list[Artifact], scale: Scale) -> list[RunRequest]:
@@ -104,6 +111,26 @@ def estimate_run_s(roots: list[Path], scale: Scale) -> Callable[[RunRequest], fl
     return estimate
 
 
+def index_roots(scale: Scale) -> list[Path]:
+    """Where the scale's runs are read from: its runs root and records, then those of the scales it ``reads``
+    (their runs made with the same overrides have the same fingerprint, so they are the same runs)."""
+    roots = [scale.runs_root, records_root(scale)]
+    for name in scale.reads:
+        other = load_scale(name)
+        roots += [other.runs_root, records_root(other)]
+    return roots
+
+
+def made_elsewhere(scale: Scale) -> dict[str, str]:
+    """``{fingerprint: scale name}`` of the runs the scales ``scale`` reads ask for: they are made there, once."""
+    out: dict[str, str] = {}
+    for name in scale.reads:
+        other = load_scale(name)
+        for artifact in GROUPS[other.group].values():
+            out.update({r.fingerprint: name for r in artifact.requests(other) if r.fingerprint not in out})
+    return out
+
+
 def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = None, jobs: int | None = None,
               budget_s: float | None = None) -> dict[str, list[Path]]:
     """Build ``artifacts`` at ``scale``; returns the files written per artifact name (an empty list: not built).
@@ -115,13 +142,19 @@ def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = N
     """
     started = time.time()
     requests = needed_runs(artifacts, scale)
-    roots = [scale.runs_root, records_root(scale)]
+    roots = index_roots(scale)
     index = build_index(roots)
     for where, why in stale_records(index, requests, scale):
         print(f"stale record (not read): {where}: {why}")
     missing = missing_runs(index, requests)
     print(f"scale {scale.name}: {len(artifacts)} artifacts need {len(requests)} runs; {len(missing)} missing "
           f"(runs root {relative(scale.runs_root)}, records {relative(records_root(scale))})", flush=True)
+    elsewhere = made_elsewhere(scale)
+    for name in dict.fromkeys(elsewhere[r.fingerprint] for r in missing if r.fingerprint in elsewhere):
+        count = sum(elsewhere.get(r.fingerprint) == name for r in missing)
+        print(f"{count} of the missing runs are the {name} scale's: not trained here (they count once made there: "
+              f"python -m experiments.reproduce {load_scale(name).group} --scale {name})", flush=True)
+    missing = [r for r in missing if r.fingerprint not in elsewhere]
     if missing and (scale.launch == "train" if train is None else train):
         def record(request: RunRequest, run_dir: Path) -> None:
             print(f"      record: {relative(write_record(run_dir, records_root(scale)))}", flush=True)
@@ -136,7 +169,7 @@ def reproduce(artifacts: list[Artifact], scale: Scale, *, train: bool | None = N
         print("these runs are missing; the artifacts are built from the runs that exist:")
         print(describe_missing(missing, scale))
     index = build_index(roots)
-    for path in record_missing(index, requests, records_root(scale)):
+    for path in record_missing(index, requests, records_root(scale), scale.runs_root):
         print(f"record: {relative(path)} (a run made earlier)")
     index = build_index(roots)
     out_dir = scale.results_dir

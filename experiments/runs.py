@@ -150,12 +150,17 @@ def multirun_commands(requests: list[RunRequest], scale: Scale) -> list[str]:
     """Hydra multiruns that make ``requests``: one per sweep, model, dataset (and its scenario) and method-specific
     overrides.
 
-    Seeds, methods, m and objectives that share the rest become comma lists (``seed=0,1,2``). DoGraph has
-    its own line: ``m`` and ``objective`` on another method's command line would change its fingerprint, and
-    the run would not count for its request.
+    Seeds, methods, m and objectives that share the rest become comma lists (``seed=0,1,2``); a request with a
+    variant (issue 19) is one ``python run.py`` line of its own. DoGraph has its own line: ``m`` and
+    ``objective`` on another method's command line would change its fingerprint, and the run would not count
+    for its request.
     """
     groups: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    lines = [" ".join(_quote(p) for p in ["python run.py", *request_overrides(r, scale)])
+             for r in requests if r.variant is not None]  # a variant's overrides replace common's: a line each
     for r in requests:
+        if r.variant is not None:
+            continue
         special = tuple(scale.method_overrides.get(r.method, []))
         own = bool(special) or r.method == "dograph"
         key = (r.sweep, r.model, r.dataset, tuple(r.dataset_overrides()), special if special else ("",),
@@ -165,7 +170,6 @@ def multirun_commands(requests: list[RunRequest], scale: Scale) -> list[str]:
         if r.method == "dograph":
             groups[key]["m"].add(r.m)
             groups[key]["objective"].add(r.objective)
-    lines = []
     for (sweep, model, dataset, dataset_options, special, _), values in groups.items():
         parts = ["python run.py -m", f"model={model}", f"dataset={dataset}", *dataset_options]
         parts += [f"{k}={','.join(str(v) for v in sorted(vs, key=_order))}" for k, vs in values.items()]

@@ -19,10 +19,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from experiments.index import complete, dataset_label
+from experiments.index import IDENTITY, OPTIONAL_IDENTITY, VARIANT_TAG, complete, dataset_label
 
 REPO = Path(__file__).resolve().parent.parent
-SCALES = ("smoke", "cpu", "paper", "planted")  # planted: experiments.planted's artifacts only (issue 18)
+SCALES = ("smoke", "cpu", "paper", "planted", "pays")  # planted, pays: their own registries (issues 18, 19)
+GROUPS = ("paper", "planted", "pays")  # the registries (experiments.paper, .planted, .pays); a scale serves one
 DEFAULT_OBJECTIVE = "uncertainty"  # conf/config.yaml
 DEFAULT_M = 11  # conf/config.yaml
 
@@ -47,6 +48,9 @@ class Scale:
     description: str = ""
     jobs: int = 1  # runs trained side by side (each with the cores shared out): benchmarks/cpu_jobs.py
     scenarios: list[str] = field(default_factory=list)  # dataset.planted.scenario of each planted study (issue 18)
+    group: str = "paper"  # the registry whose artifacts this scale builds (GROUPS)
+    reads: list[str] = field(default_factory=list)  # other scales whose runs and records it reads too (issue 19)
+    study: dict[str, Any] = field(default_factory=dict)  # a study's own design (conf/reproduce/pays.yaml: study)
 
     @property
     def cache_dir(self) -> Path:
@@ -76,7 +80,8 @@ def load_scale(name: str, *, runs_root: str | Path | None = None, results_dir: s
                  settings=dict(raw["settings"]), model_scale=list(raw.get("model_scale") or []),
                  m_values=[int(m) for m in raw.get("m_values") or []], objectives=list(raw.get("objectives") or []),
                  corpora=dict(raw.get("corpora") or {}), jobs=int(raw.get("jobs", 1)),
-                 scenarios=list(raw.get("scenarios") or []),
+                 scenarios=list(raw.get("scenarios") or []), group=str(raw.get("group", "paper")),
+                 reads=list(raw.get("reads") or []), study=dict(raw.get("study") or {}),
                  description=" ".join(line.lstrip("# ").strip() for line in header.splitlines()))
 
 
@@ -96,6 +101,8 @@ class RunRequest:
     m: int = DEFAULT_M
     objective: str = DEFAULT_OBJECTIVE
     scenario: str | None = None  # dataset.planted.scenario (None: not set on the command line)
+    variant: str | None = None  # a named set of extra overrides (``options``; tag ``variant:NAME``), e.g. ``tilt``
+    options: tuple[str, ...] = field(default=(), compare=False)  # the variant's overrides (they win over common)
     sweep: str = field(default="methods", compare=False)  # the conf/experiment sweep that makes it by hand
     fingerprint: str | None = field(default=None, compare=False)  # of request_overrides at its scale (make_request)
 
@@ -103,6 +110,8 @@ class RunRequest:
         ident: dict[str, Any] = {"method": self.method, "model": self.model, "dataset": self.dataset}
         if self.scenario is not None:  # only planted runs have it (the other requests' identity is unchanged)
             ident["scenario"] = self.scenario
+        if self.variant is not None:  # only a study's variant runs have it (issue 19)
+            ident["variant"] = self.variant
         ident["seed"] = self.seed
         if self.method == "dograph":  # m and the objective mean nothing to the other methods
             ident.update(m=self.m, objective=self.objective)
@@ -113,6 +122,7 @@ class RunRequest:
 
     def run_dir(self, scale: Scale) -> Path:
         variant = f"m{self.m}_{self.objective}" if self.method == "dograph" else "default"
+        variant += f"_{self.variant}" if self.variant is not None else ""
         dataset = dataset_label(self.dataset, self.scenario)
         return scale.runs_root / "runs" / self.method / self.model / dataset / variant / f"seed{self.seed}"
 
@@ -127,8 +137,26 @@ def request_overrides(request: RunRequest, scale: Scale) -> list[str]:
            *request.dataset_overrides(), f"seed={request.seed}"]
     if request.method == "dograph":
         out += [f"m={request.m}", f"objective={request.objective}"]
-    return [*out, *scale.common, *scale.method_overrides.get(request.method, []),
-            f"paths.output_root={scale.runs_root}", f"hydra.run.dir={request.run_dir(scale)}"]
+    extra = [*scale.common, *scale.method_overrides.get(request.method, [])]
+    if request.variant is not None:  # the variant's overrides replace those of the same keys; its tag names it
+        keys = {option.split("=", 1)[0] for option in request.options}
+        extra = [o for o in extra if o.split("=", 1)[0] not in keys] + [*request.options,
+                                                                          f"tags=[{VARIANT_TAG}{request.variant}]"]
+    return [*out, *extra, f"paths.output_root={scale.runs_root}", f"hydra.run.dir={request.run_dir(scale)}"]
+
+
+def same_identity(row: pd.Series | dict[str, Any], request: RunRequest) -> bool:
+    """``row`` (an index row) is a run of ``request``'s identity: every key equal, and the optional keys the
+    request lacks (scenario, variant) absent from the row too, so a variant run never passes for the plain one."""
+    ident = request.identity()
+    for key in IDENTITY:
+        value = row.get(key)
+        if key in ident:
+            if value != ident[key]:
+                return False
+        elif key in OPTIONAL_IDENTITY and isinstance(value, str):
+            return False
+    return True
 
 
 def make_request(scale: Scale, method: str, model: str, dataset: str, seed: int, **kwargs: Any) -> RunRequest:

@@ -197,8 +197,8 @@ def test_planted_artifacts_only_at_the_planted_scale_in_one_line(tmp_path: Path,
     assert main(["planted_noise", "--scale", "cpu", *where]) == 2
     assert main(["table2", "--scale", "planted", *where]) == 2
     first, second = capsys.readouterr().err.splitlines()
-    assert first == "error: planted_noise is built at the planted scale (--scale planted), not at cpu"
-    assert second.startswith("error: table2 is a paper artifact: build it at smoke, cpu or paper")
+    assert first.startswith("error: planted_noise is a planted artifact: build it at planted (--scale), not at the cpu")
+    assert second.startswith("error: table2 is a paper artifact: build it at smoke or cpu or paper (--scale)")
     assert not (tmp_path / "results").exists()
 
 

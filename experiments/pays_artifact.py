@@ -1,0 +1,262 @@
+"""The artifacts of "when does DoGraph's reweighting pays" (issue 19; the entries are in ``experiments.pays``).
+
+Each compares *arms* (a method with, for DoGraph, m and a named variant of overrides) seed by seed
+against a reference arm (Uniform at the same batch size), from the study's design in
+``conf/reproduce/pays.yaml`` (``study``):
+
+* :class:`EssCost` (question 1): DoGraph's loss penalty against Uniform and the mean effective sample
+  size (ESS) of its weights, at three batch sizes and three m over the same training sequences;
+* :class:`Variants` (question 3): the paper's update and our variants of the sample weights
+  (``mixer.sample_weights``, docs/design.md 2.5) on the embedded corpus and the planted scenarios;
+* :class:`Longer` (question 5): Uniform against one DoGraph update for 4x the steps, on other seeds.
+
+A cell is the mean ± the 95% t-interval over seeds; a Δ is paired (per seed, minus the reference at
+the same seed). Runs the cpu and planted scales made with the same overrides are read from their
+records (``reads``), not retrained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.render import NOT_AVAILABLE, Table, save_figure
+from experiments.scale import DEFAULT_M, RunRequest, Scale, make_request, rows_for
+from experiments.stats import mean_ci
+from experiments.tables import CI_NOTE, missing_note
+
+PAIRED = ("Δ vs Uniform: per seed, DoGraph's value minus Uniform's at the same seed (and batch size), mean ± the "
+          "95% t-interval over the seeds both have: below 0, DoGraph is better; an interval that excludes 0 is "
+          "resolved.")
+ESS_NOTE = ("Mean ESS: the effective sample size of the step's sample weights, (sum v)^2 / (B sum v^2) in [1/B, 1], "
+            "averaged over the steps a mixer weighed (summary.json weights.mean_ess; Uniform: 1).")
+UPDATE_NAMES = {None: "paper (cluster_mean)"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration a table compares: a method, for DoGraph its m, and a named variant of overrides."""
+
+    method: str
+    variant: str | None = None
+    options: tuple[str, ...] = ()
+    m: int = DEFAULT_M
+
+    def requests(self, scale: Scale, setting: str, seeds: Sequence[int], scenario: str | None = None
+                 ) -> list[RunRequest]:
+        where = scale.setting(setting)
+        return [make_request(scale, self.method, where["model"], where["dataset"], seed, m=self.m,
+                             scenario=scenario, variant=self.variant, options=self.options, sweep="pays")
+                for seed in seeds]
+
+
+def per_seed(rows: pd.DataFrame, value: Callable[[pd.Series], float | None]) -> dict[int, float]:
+    """``{seed: value}`` of the runs in ``rows`` (a run without the value is left out)."""
+    out = {}
+    for _, row in rows.iterrows():
+        v = value(row)
+        if v is not None and pd.notna(v):
+            out[int(row["seed"])] = float(v)
+    return out
+
+
+def column(name: str) -> Callable[[pd.Series], float | None]:
+    return lambda row: row.get(name)
+
+
+def cell(values: dict[int, float], digits: int = 3) -> str:
+    return mean_ci(values.values()).format(digits) if values else NOT_AVAILABLE
+
+
+def paired(values: dict[int, float], reference: dict[int, float]) -> dict[int, float]:
+    return {s: v - reference[s] for s, v in values.items() if s in reference}
+
+
+def _batch_arms(scale: Scale, batch: str, m: int) -> tuple[Arm, Arm]:
+    """DoGraph (m) and Uniform at one batch setting; the batch without overrides is the scale's own run size."""
+    options = tuple(scale.study["batches"][batch])
+    variant = batch if options else None
+    return Arm("dograph", variant, options, m), Arm("uniform", variant, options)
+
+
+def _batch_label(scale: Scale, batch: str) -> str:
+    sizes = [o.split("=", 1)[1] for o in scale.study["batches"][batch] if o.startswith("trainer.batch_size=")]
+    steps = [o.split("=", 1)[1] for o in scale.study["batches"][batch] if o.startswith("trainer.max_steps=")]
+    common_steps = [o.split("=", 1)[1] for o in scale.common if o.startswith("trainer.max_steps=")]
+    return f"batch {sizes[0] if sizes else 16} x {(steps or common_steps or ['?'])[0]} steps"
+
+
+@dataclass(frozen=True)
+class EssCost:
+    """Question 1: DoGraph's loss penalty against Uniform against the mean ESS of its weights."""
+
+    name: str
+    title: str
+    setting: str = "embedded"
+
+    def cells(self, scale: Scale) -> list[tuple[str, int, Arm, Arm]]:
+        return [(batch, int(m), *_batch_arms(scale, batch, int(m))) for batch, m in scale.study["ess_cost"]]
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        out: list[RunRequest] = []
+        for _, _, dograph, uniform in self.cells(scale):
+            out += [r for arm in (dograph, uniform) for r in arm.requests(scale, self.setting, scale.seeds)
+                    if r not in out]
+        return out
+
+    def points(self, index: pd.DataFrame, scale: Scale) -> pd.DataFrame:
+        """One row per (cell, seed) with DoGraph's and Uniform's loss, the paired Δ and DoGraph's mean ESS."""
+        records = []
+        for batch, m, dograph, uniform in self.cells(scale):
+            ours = rows_for(index, dograph.requests(scale, self.setting, scale.seeds))
+            ref = per_seed(rows_for(index, uniform.requests(scale, self.setting, scale.seeds)), column("val/avg_loss"))
+            loss, ess = per_seed(ours, column("val/avg_loss")), per_seed(ours, column("mean_ess"))
+            for seed in sorted(loss):
+                records.append({"batch": batch, "label": _batch_label(scale, batch), "m": m, "seed": seed,
+                                "dograph_loss": loss[seed], "uniform_loss": ref.get(seed), "mean_ess": ess.get(seed),
+                                "delta": loss[seed] - ref[seed] if seed in ref else None})
+        return pd.DataFrame(records, columns=["batch", "label", "m", "seed", "dograph_loss", "uniform_loss",
+                                              "mean_ess", "delta"])
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        points = self.points(index, scale)
+        rows = []
+        for batch, m, _, _ in self.cells(scale):
+            mine = points[(points["batch"] == batch) & (points["m"] == m)]
+            values = {key: dict(zip(mine["seed"], mine[key], strict=True)) for key in
+                      ("mean_ess", "dograph_loss", "uniform_loss", "delta")}
+            values = {k: {s: v for s, v in d.items() if v is not None and pd.notna(v)} for k, d in values.items()}
+            rows.append([_batch_label(scale, batch), str(m), cell(values["mean_ess"]), cell(values["dograph_loss"]),
+                         cell(values["uniform_loss"]), cell(values["delta"])])
+        notes = [CI_NOTE, "Every cell trains on the same sequences (the cpu scale's 400 steps x 16), warm-up over "
+                 "the same ~320; only the batch size (so the samples per cluster and step) and m change.",
+                 "Val loss: the final validation loss averaged with the natural mixture (nats).", PAIRED, ESS_NOTE,
+                 *missing_note(index, self.requests(scale))]
+        table = Table(self.name, f"{self.title} - scale {scale.name}", ["Batch", "m", "DoGraph mean ESS",
+                      "DoGraph val loss", "Uniform val loss", "Δ vs Uniform"], rows, notes)
+        paths = table.write(out_dir)
+        if points["delta"].notna().any():
+            paths += save_figure(self.draw(points, scale), out_dir, self.name, {"points": points})
+        return paths
+
+    def draw(self, points: pd.DataFrame, scale: Scale) -> Any:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        done = points.dropna(subset=["delta", "mean_ess"])
+        for (label, m), group in done.groupby(["label", "m"], sort=False):
+            ess, delta = mean_ci(group["mean_ess"]), mean_ci(group["delta"])
+            line = ax.errorbar([ess.mean], [delta.mean], xerr=[0 if ess.n < 2 else ess.half_width],
+                               yerr=[0 if delta.n < 2 else delta.half_width], fmt="o", capsize=3,
+                               label=f"{label}, m={m} (n={delta.n})")
+            ax.scatter(group["mean_ess"], group["delta"], s=10, alpha=0.35, color=line[0].get_color())
+        ax.axhline(0.0, color="gray", linestyle="--", zorder=1)
+        ax.set_xlabel("DoGraph's mean ESS of the sample weights")
+        ax.set_ylabel("Δ val loss vs Uniform (nats; paired by seed)")
+        ax.set_title(f"{self.title} (scale {scale.name}; dots: seeds, bars: 95% CI)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+
+def _update_arms(scale: Scale) -> list[tuple[str, Arm]]:
+    """Uniform, the paper's update, and each variant of ``study.sample_weights``."""
+    arms = [("Uniform", Arm("uniform")), (f"DoGraph, {UPDATE_NAMES[None]}", Arm("dograph"))]
+    return arms + [(f"DoGraph, {name}", Arm("dograph", name, tuple(options)))
+                   for name, options in scale.study["sample_weights"].items()]
+
+
+@dataclass(frozen=True)
+class Variants:
+    """Question 3: each update against Uniform on the embedded corpus and on every planted scenario."""
+
+    name: str
+    title: str
+
+    def places(self, scale: Scale) -> list[tuple[str, str | None]]:
+        return [("embedded", None), *(("planted", s) for s in scale.scenarios)]
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        return [r for setting, scenario in self.places(scale) for _, arm in _update_arms(scale)
+                for r in arm.requests(scale, setting, scale.seeds, scenario)]
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        from experiments.planted_measures import CLEAN, RATIO, measured_rows
+
+        rows = []
+        for setting, scenario in self.places(scale):
+            measured = {}
+            for label, arm in _update_arms(scale):
+                requests = arm.requests(scale, setting, scale.seeds, scenario)
+                if scenario is None:
+                    found = rows_for(index, requests)
+                    measured[label] = (per_seed(found, column("val/avg_loss")), {}, per_seed(found, column("mean_ess")))
+                else:
+                    found = measured_rows(index, requests, leave_out_planted=scenario != "hidden_split")
+                    measured[label] = (per_seed(found, column(CLEAN)), per_seed(found, column(RATIO)),
+                                       per_seed(found, column("mean_ess")))
+            reference = measured["Uniform"][0]
+            for label, (loss, ratio, ess) in measured.items():
+                delta = cell(paired(loss, reference)) if label != "Uniform" else "—"
+                rows.append([scenario or setting, label, cell(loss), delta,
+                             cell(ratio, 2) if scenario is not None and scenario != "hidden_split" else "—",
+                             cell(ess, 2)])
+        notes = [CI_NOTE, "Val loss: on the embedded corpus the natural-mixture average; on a planted corpus the "
+                 "clean validation loss of the planted study (noise, duplicates: every domain but the planted one; "
+                 "hidden_split: every domain), results/planted/.", PAIRED,
+                 "Planted ÷ share: the planted domain's effective weight over training ÷ its natural share "
+                 "(below 1: down-weighted; the planted study's measure).", ESS_NOTE,
+                 "Updates (docs/design.md 2.5): paper = v_i = w_c / (n_c sum w), the default; tilt = v_i ∝ w_c; "
+                 "shrink50 = half the plain mean, half the paper's. The paper's update and Uniform are the cpu and "
+                 "planted scales' own runs.", *missing_note(index, self.requests(scale))]
+        return Table(self.name, f"{self.title} - scale {scale.name}: gpt2_tiny",
+                     ["Corpus", "Update", "Val loss", "Δ vs Uniform", "Planted ÷ share", "Mean ESS"], rows,
+                     notes).write(out_dir)
+
+
+@dataclass(frozen=True)
+class Longer:
+    """Question 5: Uniform against one DoGraph update for 4x the steps (``study.longer``), on seeds of its own."""
+
+    name: str
+    title: str
+    setting: str = "embedded"
+
+    def arms(self, scale: Scale) -> list[tuple[str, Arm]]:
+        spec = scale.study["longer"]
+        update = spec.get("update")
+        if update is None:
+            return []
+        base = tuple(spec["overrides"])
+        variant_options = () if update == "paper" else tuple(scale.study["sample_weights"][update])
+        return [("Uniform", Arm("uniform", "longer", base)),
+                (f"DoGraph, {UPDATE_NAMES[None] if update == 'paper' else update}",
+                 Arm("dograph", f"longer_{update}", base + variant_options))]
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        seeds = scale.study["longer"]["seeds"]
+        return [r for _, arm in self.arms(scale) for r in arm.requests(scale, self.setting, seeds)]
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        spec = scale.study["longer"]
+        rule = ("The update is chosen after question 3 by the rule fixed in conf/reproduce/pays.yaml before any "
+                "variant was measured: the one with the lowest mean paired Δ vs Uniform on the embedded corpus; "
+                f"seeds {spec['seeds']} (not the other questions'); overrides: {', '.join(spec['overrides'])}.")
+        arms = self.arms(scale)
+        if not arms:
+            return Table(self.name, f"{self.title} - scale {scale.name}", ["Method", "Val loss", "Δ vs Uniform",
+                         "Mean ESS"], [], [f"Not run yet: study.longer.update is null. {rule}"]).write(out_dir)
+        measured = {label: rows_for(index, arm.requests(scale, self.setting, spec["seeds"])) for label, arm in arms}
+        reference = per_seed(measured["Uniform"], column("val/avg_loss"))
+        rows = []
+        for label, found in measured.items():
+            loss = per_seed(found, column("val/avg_loss"))
+            rows.append([label, cell(loss), "—" if label == "Uniform" else cell(paired(loss, reference)),
+                         cell(per_seed(found, column("mean_ess")), 2)])
+        notes = [CI_NOTE, rule, PAIRED, ESS_NOTE, *missing_note(index, self.requests(scale))]
+        return Table(self.name, f"{self.title} - scale {scale.name}", ["Method", "Val loss", "Δ vs Uniform",
+                     "Mean ESS"], rows, notes).write(out_dir)

@@ -1,0 +1,161 @@
+"""The "when does DoGraph pay" study (issue 19): its scale, its variant requests, what it reads from the cpu and
+planted scales, and its tables built from synthetic runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from experiments.index import build_index
+from experiments.paper import ARTIFACTS
+from experiments.pays import PAYS_ARTIFACTS
+from experiments.pays_artifact import Arm
+from experiments.planted import PLANTED_ARTIFACTS
+from experiments.records import record_id, stale_records
+from experiments.reproduce import index_roots, made_elsewhere, main
+from experiments.runs import multirun_commands
+from experiments.scale import Scale, load_scale, make_request, request_overrides, same_identity
+
+
+def pays_scale(root: Path) -> Scale:
+    return replace(load_scale("pays"), runs_root=root / "runs", results_dir=root / "results")
+
+
+def test_variants_replace_the_common_overrides_of_their_keys_and_are_tagged(tmp_path: Path) -> None:
+    scale = pays_scale(tmp_path)
+    (request,) = [r for r in PAYS_ARTIFACTS["pays_ess_cost"].requests(scale)
+                  if r.variant == "b48" and r.method == "dograph" and r.m == 3 and r.seed == 1]
+    overrides = request_overrides(request, scale)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    assert len(keys) == len(set(keys))  # no key twice: the variant's max_steps replaced common's
+    assert "trainer.max_steps=133" in overrides and "trainer.max_steps=400" not in overrides
+    assert "tags=[variant:b48]" in overrides
+    assert request.identity()["variant"] == "b48" and request.run_dir(scale).parent.name == "m3_uncertainty_b48"
+    (line,) = multirun_commands([request], scale)
+    assert line.startswith("python run.py mixer=dograph") and "trainer.batch_size=48" in line
+
+
+def test_the_runs_a_read_scale_makes_are_the_same_runs_there() -> None:
+    """Uniform and the paper's DoGraph at the cpu scale's run size have the cpu and planted scales' fingerprints:
+    read from their records, never retrained by this study."""
+    scale = load_scale("pays")
+    cpu, planted = load_scale("cpu"), load_scale("planted")
+    theirs = {r.fingerprint for a in ARTIFACTS.values() for r in a.requests(cpu)}
+    theirs |= {r.fingerprint for a in PLANTED_ARTIFACTS.values() for r in a.requests(planted)}
+    ours = [r for a in PAYS_ARTIFACTS.values() for r in a.requests(scale)]
+    plain = [r for r in ours if r.variant is None]
+    assert plain and all(r.fingerprint in theirs for r in plain)
+    assert not any(r.fingerprint in theirs for r in ours if r.variant is not None)
+    elsewhere = made_elsewhere(scale)
+    assert {elsewhere[r.fingerprint] for r in plain} == {"cpu", "planted"}
+    roots = index_roots(scale)
+    assert cpu.results_dir / "runs" in roots and planted.results_dir / "runs" in roots
+
+
+def test_every_variant_run_composes_and_validates() -> None:
+    from conftest import compose_config
+
+    from dograph.config import to_run_config
+
+    scale = load_scale("pays")
+    requests = [r for a in PAYS_ARTIFACTS.values() for r in a.requests(scale) if r.seed == 0 and r.variant]
+    assert {r.variant for r in requests} == {"b48", "b128", "tilt", "shrink50"}
+    for request in requests:
+        overrides = [o for o in request_overrides(request, scale) if not o.startswith(("hydra.", "hydra/"))]
+        cfg = to_run_config(compose_config(overrides))
+        assert cfg.tags == [f"variant:{request.variant}"]
+        if request.variant == "b128":
+            assert (cfg.trainer.batch_size, cfg.trainer.max_steps) == (128, 50)
+        if request.variant == "shrink50":
+            assert (cfg.mixer["sample_weights"], cfg.mixer["shrink"]) == ("shrink", 0.5)
+
+
+def _run(root: Path, scale: Scale, request, loss: float, ess: float) -> Path:
+    """A complete run as run.py leaves it (the files the index reads), for ``request``."""
+    run = root / request.run_dir(scale).relative_to(scale.runs_root)
+    (run / ".hydra").mkdir(parents=True)
+    tags = [f"variant:{request.variant}"] if request.variant else []
+    config = {"mixer": {}, "m": request.m, "seed": request.seed, "tags": tags, "trainer": {"max_steps": 400},
+              "dataset": {"source": "embedded"}}
+    (run / "run_info.json").write_text(json.dumps({"config": config, "fingerprint": request.fingerprint,
+                                                   "overrides": request_overrides(request, scale)[:-2]}))
+    choices = {"mixer": request.method, "model": request.model, "dataset": request.dataset,
+               "objective": request.objective, "trainer": "default"}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    final = {"val/avg_loss": loss}
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 400, **final}) + "\n")
+    (run / "summary.json").write_text(json.dumps({"status": "complete", "completed_at": "2026-01-01T00:00:00+00:00",
+                                                  "steps": 400, "final_eval": final, "weights": {"mean_ess": ess}}))
+    return run
+
+
+def test_the_index_reads_the_variant_and_a_plain_request_never_takes_a_variant_run(tmp_path: Path) -> None:
+    scale = pays_scale(tmp_path)
+    plain = make_request(scale, "dograph", "gpt2_tiny", "embedded", 0)
+    tilt = Arm("dograph", "tilt", ("mixer.sample_weights=tilt",)).requests(scale, "embedded", [0])[0]
+    _run(scale.runs_root, scale, tilt, 6.1, 0.9)
+    index = build_index([scale.runs_root])
+    row = index.iloc[0]
+    assert row["variant"] == "tilt" and same_identity(row, tilt) and not same_identity(row, plain)
+    assert record_id(row.to_dict()).startswith("dograph-gpt2_tiny-embedded-m11_uncertainty_tilt-seed0-")
+    assert "variant" not in build_index([tmp_path / "nothing"]).columns
+    # the plain request's identity matches the tilt run's keys but not its variant: not a stale record of it
+    record = index.assign(source="record", run_dir=str(scale.results_dir / "runs" / "x"))
+    assert stale_records(record, [plain], scale) == []
+
+
+def test_the_ess_cost_table_pairs_each_cell_with_uniform_at_the_same_batch(tmp_path: Path) -> None:
+    scale = replace(pays_scale(tmp_path), seeds=[0, 1])
+    artifact = PAYS_ARTIFACTS["pays_ess_cost"]
+    for request in artifact.requests(scale):
+        if request.variant == "b128":
+            continue  # a cell without runs says so
+        batch = 0.2 if request.variant == "b48" else 0.0
+        dograph = request.method == "dograph"
+        loss = 6.0 + batch + 0.01 * request.seed + (0.05 + 0.01 * (11 - request.m) if dograph else 0.0)
+        _run(scale.runs_root, scale, request, loss, 0.6 + 0.02 * request.m if dograph else 1.0)
+    paths = artifact.build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    assert {p.name for p in paths} >= {"pays_ess_cost.md", "pays_ess_cost.png", "pays_ess_cost_points.csv"}
+    table = pd.read_csv(tmp_path / "out" / "pays_ess_cost.csv")
+    rows = {(r["Batch"], int(r["m"])): r for _, r in table.iterrows()}
+    assert rows[("batch 48 x 133 steps", 3)]["Δ vs Uniform"].startswith("0.130 ± 0.000 (n=2)")
+    assert rows[("batch 16 x 400 steps", 11)]["Δ vs Uniform"].startswith("0.050 ± 0.000 (n=2)")
+    assert rows[("batch 128 x 50 steps", 11)]["Δ vs Uniform"] == "not available"
+    points = pd.read_csv(tmp_path / "out" / "pays_ess_cost_points.csv")
+    assert len(points) == 8 and points["delta"].notna().all()
+
+
+def test_the_variants_table_has_every_update_on_every_corpus_and_the_longer_pair_waits(tmp_path: Path) -> None:
+    scale = replace(pays_scale(tmp_path), seeds=[0], scenarios=[])
+    artifact = PAYS_ARTIFACTS["pays_variants"]
+    for request in artifact.requests(scale):
+        _run(scale.runs_root, scale, request, 6.0 + (0.1 if request.variant == "tilt" else 0.0), 0.8)
+    artifact.build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "pays_variants.csv").set_index("Update")
+    assert list(table.index) == ["Uniform", "DoGraph, paper (cluster_mean)", "DoGraph, tilt", "DoGraph, shrink50"]
+    assert table.loc["DoGraph, tilt", "Δ vs Uniform"].startswith("0.100 (n=1)")
+    assert PAYS_ARTIFACTS["pays_longer"].requests(scale) == []  # study.longer.update: null until question 3
+    PAYS_ARTIFACTS["pays_longer"].build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    assert "Not run yet" in (tmp_path / "out" / "pays_longer.md").read_text()
+    chosen = replace(scale, study={**scale.study, "longer": {**scale.study["longer"], "update": "tilt"}})
+    longer = PAYS_ARTIFACTS["pays_longer"].requests(chosen)
+    assert {r.seed for r in longer} == {3, 4, 5} and {r.variant for r in longer} == {"longer", "longer_tilt"}
+
+
+@pytest.mark.parametrize(("artifact", "scale", "message"), [
+    ("pays_variants", "cpu", "error: pays_variants is a pays artifact: build it at pays (--scale), not at the cpu"),
+    ("table2", "pays", "error: table2 is a paper artifact: build it at smoke or cpu or paper (--scale), not at"),
+])
+def test_pays_artifacts_only_at_the_pays_scale(tmp_path: Path, capsys, artifact: str, scale: str,
+                                               message: str) -> None:
+    where = ["--no-train", "--runs-root", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    assert main([artifact, "--scale", scale, *where]) == 2
+    assert capsys.readouterr().err.startswith(message)
