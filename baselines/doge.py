@@ -69,7 +69,6 @@ training domains themselves (the paper's universal-generalization setting; the b
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +78,7 @@ import torch
 from torch import Tensor
 
 from baselines.fixed import StageMixtureMixer
+from dograph.atomic import write_text_atomically
 from dograph.distributed import DistContext, all_gather_cat
 from dograph.errors import ConfigError
 from dograph.mixer_history import DomainWeightHistory
@@ -313,9 +313,7 @@ class DoGEProxyMixer(Mixer):
         self.history.save(out_dir)
         record = {**self.outputs(), "settings": self.settings(),
                   "note": "mixture = mean of the weights after each proxy update (initial weights excluded)"}
-        tmp = out_dir / ".mixture.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out_dir / "mixture.json")
+        write_text_atomically(out_dir / "mixture.json", json.dumps(record, indent=2))
 
     def summary(self) -> dict[str, Any]:
         title = (f"DoGE proxy ({self.gradients} gradients, mu {self.mu:g}, clip {self.max_grad_norm:g}): "

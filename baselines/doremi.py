@@ -77,7 +77,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +87,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from baselines.fixed import StageMixtureMixer
+from dograph.atomic import write_text_atomically
 from dograph.config import load_group_option
 from dograph.distributed import DistContext, all_reduce_sum
 from dograph.errors import ConfigError, DataError
@@ -360,9 +360,7 @@ class DoReMiProxyMixer(Mixer):
         self._sync_history()
         self.history.save(out_dir)
         record = {**self.outputs(), "settings": self.settings(), "reference": str(self.reference_dir)}
-        tmp = out_dir / ".mixture.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out_dir / "mixture.json")
+        write_text_atomically(out_dir / "mixture.json", json.dumps(record, indent=2))
 
     def summary(self) -> dict[str, Any]:
         out = self.outputs()

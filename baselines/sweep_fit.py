@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from baselines.fixed import FixedMixer
+from dograph.atomic import replace_atomically, write_text_atomically
 from dograph.errors import ConfigError
 from dograph.reporting import markdown_table
-from dograph.runs.pipeline import replace_atomically, write_text_atomically
 from dograph.runs.sweep import SweepResult, SweepSpec
 from dograph.settings import require
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+from dograph.atomic import open_atomically
 
 
 @dataclass
@@ -71,11 +73,9 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int16)
 
 
-def _atomic(path: Path, write, text: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
+def _atomic(path: Path, write: Callable[[IO[Any]], Any], text: bool = False) -> None:
+    with open_atomically(path, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
         write(handle)
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -22,7 +22,6 @@ record made with other overrides sits beside the current one and is reported sta
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from dograph.atomic import publish_directory
 from experiments.index import DERIVED, RECORD_FILE, dataset_label, hydra_choices, read_run
 from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides, same_identity
 
@@ -111,9 +111,7 @@ def write_record(run_dir: Path, root: Path) -> Path:
                 "completed_at": summary.get("completed_at"), "choices": hydra_choices(run_dir),
                 "mixer_files_left_out": left_out, "bytes": size}
         (tmp / RECORD_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        publish_directory(tmp, target, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import REPO
 
+import dograph.atomic
 import dograph.runs.pipeline
 import dograph.runs.sweep
 from baselines.fixed import FixedMixer
@@ -229,7 +230,7 @@ def test_fit_report_and_plot_are_written_under_temporaries_of_this_process(tmp_p
         renamed.append((Path(src).name, Path(dst).name))
         real(src, dst)
 
-    monkeypatch.setattr(dograph.runs.pipeline.os, "replace", recording)
+    monkeypatch.setattr(dograph.atomic.os, "replace", recording)
     outcome = FitOutcome(np.array([0.5, 0.5]), 1.0, "loss", {}, np.array([1.0, 2.0]), np.array([1.1, 1.9]))
     reporter = SimpleNamespace(report=lambda: {"predicted_loss": 1.0}, outcome=outcome, label="toy")
     SweepFitMixer.write_report(reporter, tmp_path, "-abc")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dograph.atomic import publish_directory
 from dograph.config import BPE_TOKENIZER
 from dograph.errors import ConfigError, DataError
 
@@ -151,8 +150,5 @@ def load_tokenizer(name: str, cache_dir: Path, *, corpus_fingerprint: str = "",
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     tokenizer.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process saved it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_directory(tmp, path, marker="tokenizer.json")  # another process may have saved it first
     return tokenizer

@@ -38,6 +38,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dograph.atomic import write_text_atomically
 from dograph.config import RunConfig
 from dograph.distributed import DistContext
 from dograph.errors import ConfigError, DataError, DographError
@@ -355,10 +356,7 @@ def run_lm_eval(model: Any, tokenizer: Any, names: list[str], *, include_paths: 
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=2, default=str))
 
 
 def write_results(run_dir: Path, result: DownstreamResult, *, step: int | None, writer: Any = None) -> None:

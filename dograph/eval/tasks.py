@@ -23,7 +23,6 @@ A build is deterministic (text, sizes and seed fix it) and cached: a directory t
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from dograph.atomic import publish_directory
 from dograph.config import DataConfig
 from dograph.data.packing import document_u, is_blank
 from dograph.data.sources import Corpus, text_digest
@@ -189,11 +189,10 @@ def build_local_tasks(out_dir: Path, texts_by_domain: dict[str, list[str]], *, n
                     "items": {"continuation": len(continuation), "rolling": len(rolling)},
                     "domains": {d: len(docs) for d, docs in texts_by_domain.items()}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out_dir)
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (out_dir / "manifest.json").is_file():  # not another process's build winning the race
-            raise
+        raise
+    publish_directory(tmp, out_dir, marker="manifest.json")  # another process's build may have won the race
     return out_dir
 
 

@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dograph.atomic import write_text_atomically
 from dograph.config import DataConfig, ModelConfig, RunConfig, TrainerConfig, load_group_option
 from dograph.data.tokenizer import is_pretrained
 from dograph.distributed import DistContext, all_gather_objects, barrier, from_main
@@ -326,24 +326,6 @@ def read_marker(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("complete") is not True:
         raise DataError(f"stage record {path} is not a complete-stage record: delete {run_dir} to train it again")
     return record
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file named for this process and call beside ``path``, then rename it over ``path``.
-
-    Main runs that share a directory (a sweep's) never see a torn file or each other's temporary.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_marker(run_dir: Path, record: dict[str, Any]) -> None:

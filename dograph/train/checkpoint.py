@@ -17,19 +17,18 @@ than in every mixer.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import re
 import shutil
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dograph.atomic import replace_atomically, write_text_atomically
 from dograph.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -126,13 +125,6 @@ def _decode_numpy(value: dict[str, Any]) -> np.ndarray | np.generic:
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def _fsync_write(path: Path, write: Callable[[Any], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def fresh_shards_dir(directory: Path, step: int) -> Path:
@@ -157,8 +149,8 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
     plain = to_plain(state)
-    _fsync_write(path, lambda handle: torch.save(plain, handle))
-    _fsync_write(directory / "latest", lambda handle: handle.write(path.name.encode()))
+    replace_atomically(path, lambda tmp: torch.save(plain, tmp), durable=True)
+    write_text_atomically(directory / "latest", path.name, durable=True)
     _prune(directory, step, keep, state.get("shards"))
     return path
 
@@ -280,7 +272,7 @@ def set_aside_newer(directory: Path, resumed: Path) -> list[str]:
     stretch for the run's history. Returns the names set aside.
     """
     step = int(_NAME.match(resumed.name).group(1))
-    _fsync_write(directory / "latest", lambda handle: handle.write(resumed.name.encode()))
+    write_text_atomically(directory / "latest", resumed.name, durable=True)
     moved = []
     for p in sorted(directory.iterdir()):
         m = _NAME.match(p.name) or _SHARDS.match(p.name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dograph.atomic import write_text_atomically
 from dograph.config import LoggerConfig
 
 
@@ -109,9 +109,7 @@ class MetricsWriter:
             return
         kept = [line for line in self.path.read_text().splitlines()  # a downstream record's step may be null
                 if line.strip() and (json.loads(line).get("step") or 0) <= step]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

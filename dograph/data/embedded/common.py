@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from dograph.atomic import publish_directory
 
 DEFAULT_MAX_BYTES_PER_DOMAIN = 8_000_000
 CORPUS_VERSION = "v1"
@@ -56,11 +57,7 @@ def _reason(exc: BaseException) -> str:
 
 def publish_build(tmp: Path, target: Path) -> None:
     """Atomically move a finished cache build into place (another process may have won the race)."""
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "manifest.json").is_file():
-            raise
+    publish_directory(tmp, target, marker="manifest.json")
 
 
 def sha256_file(path: Path) -> str:
