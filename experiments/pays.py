@@ -8,11 +8,12 @@ and planted scales' Uniform and DoGraph runs where they are the same runs. In tr
 
 from __future__ import annotations
 
-from experiments.pays_artifact import EssCost, Longer, Variants
+from experiments.pays_artifact import EssCost, Isolation, Longer, Variants
 
 _ALL = (
     EssCost("pays_ess_cost", "What DoGraph's sample weights cost: Δ val loss vs Uniform against the weights' ESS"),
     Variants("pays_variants", "DoGraph's update and our variants of its sample weights, against Uniform"),
+    Isolation("pays_isolation", "Can K-means on projected gradients isolate the planted noise domain?"),
     Longer("pays_longer", "Uniform against DoGraph for 4x the steps"),
 )
 PAYS_ARTIFACTS = {artifact.name: artifact for artifact in _ALL}

@@ -260,3 +260,77 @@ class Longer:
         notes = [CI_NOTE, rule, PAIRED, ESS_NOTE, *missing_note(index, self.requests(scale))]
         return Table(self.name, f"{self.title} - scale {scale.name}", ["Method", "Val loss", "Δ vs Uniform",
                      "Mean ESS"], rows, notes).write(out_dir)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Question 4: whether K-means on DoGraph's projected gradients can isolate the planted noise domain, over
+    ``cluster_on``, the projection rank, m and the buffer size (``experiments.cluster_isolation``), on the
+    planted study's DoGraph runs of the noise scenario, at each checkpoint they kept."""
+
+    name: str
+    title: str
+    scenario: str = "noise"
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        return Arm("dograph").requests(scale, "planted", scale.seeds, self.scenario)
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        from experiments.cluster_isolation import CLUSTER_ON, NAME, PURITY
+
+        points, unmeasured = self.points(index, scale)
+        rows: list[list[str]] = []
+        notes = [f"Cells: isolated / ARI, each the mean over the seeds (n below). isolated: the share of the planted "
+                 f"domain's held-out windows that lie in clusters at least {PURITY:.0%} planted; ARI: adjusted Rand "
+                 "index of the clusters against planted-or-not. K-means (the project's, 3 restarts x 3 iterations) "
+                 "on the first N of one shuffled pool of held-out windows in natural proportions, projected at rank r "
+                 "with the run's projection otherwise (experiments/cluster_isolation.py).",
+                 "The clusters are fitted here, not DoGraph's own (those are the planted_noise table's): the "
+                 "question is whether any setting could let DoGraph react to the noise domain."]
+        header = ["Step", "cluster_on", "Rank (dim)"]
+        if not points.empty:
+            columns = [(m, n) for m in sorted(points["m"].unique()) for n in sorted(points["buffer_size"].unique())]
+            header += [f"m={m} N={n}" for m, n in columns]
+            grouped = points.groupby(["step", "cluster_on", "rank", "dim", "m", "buffer_size"])
+            means = grouped[["isolated", "ari"]].mean()
+            order = {on: i for i, on in enumerate(CLUSTER_ON)}
+            keys = points[["step", "cluster_on", "rank", "dim"]].drop_duplicates()
+            keys = keys.sort_values(["step", "cluster_on", "rank"],
+                                    key=lambda c: c.map(order) if c.name == "cluster_on" else c)
+            for step, on, rank, dim in keys.itertuples(index=False):
+                rows.append([str(step), on, f"{rank} ({dim})",
+                             *(f"{means.loc[(step, on, rank, dim, m, n), 'isolated']:.2f} / "
+                               f"{means.loc[(step, on, rank, dim, m, n), 'ari']:.2f}" for m, n in columns)])
+            notes.append(f"Seeds: {sorted(int(s) for s in points['seed'].unique())} (n = "
+                         f"{points['seed'].nunique()}); per-seed rows in {self.name}_points.csv ({NAME}).")
+        notes += unmeasured
+        notes += missing_note(index, self.requests(scale))
+        paths = Table(self.name, f"{self.title} - scale {scale.name}: DoGraph on planted {self.scenario}", header,
+                      rows, notes).write(out_dir)
+        if not points.empty:
+            path = out_dir / f"{self.name}_points.csv"
+            points.to_csv(path, index=False)
+            paths.append(path)
+        return paths
+
+    def points(self, index: pd.DataFrame, scale: Scale) -> tuple[pd.DataFrame, list[str]]:
+        """Every run's rows (computed once from its checkpoints, kept in ``derived/``), with its seed; and a note
+        for each run that could not be measured."""
+        from experiments.cluster_isolation import NAME, isolation_rows
+        from experiments.run_files import checkpoint_points, checkpoints_of
+
+        frames, unmeasured = [], []
+        for _, row in rows_for(index, self.requests(scale)).iterrows():
+            run = Path(row["run_dir"])
+            record = row.get("record")
+
+            def compute(path: Path) -> pd.DataFrame | None:
+                return isolation_rows(path) if checkpoints_of(path) else None
+
+            found = checkpoint_points(run, Path(record) if isinstance(record, str) else None, NAME, compute)
+            if found is None:
+                unmeasured.append(f"seed {int(row['seed'])}: not measured (its record keeps no checkpoint and "
+                                        f"no derived/{NAME}.csv; measure it where the run's checkpoints are)")
+                continue
+            frames.append(found.assign(seed=int(row["seed"])))
+        return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), unmeasured

@@ -67,7 +67,7 @@ def test_every_variant_run_composes_and_validates() -> None:
 
     scale = load_scale("pays")
     requests = [r for a in PAYS_ARTIFACTS.values() for r in a.requests(scale) if r.seed == 0 and r.variant]
-    assert {r.variant for r in requests} == {"b48", "b128", "tilt", "shrink50"}
+    assert {r.variant for r in requests} == {"b48", "b128", "tilt", "shrink50"}  # isolation: the planted runs
     for request in requests:
         overrides = [o for o in request_overrides(request, scale) if not o.startswith(("hydra.", "hydra/"))]
         cfg = to_run_config(compose_config(overrides))
@@ -83,8 +83,9 @@ def _run(root: Path, scale: Scale, request, loss: float, ess: float) -> Path:
     run = root / request.run_dir(scale).relative_to(scale.runs_root)
     (run / ".hydra").mkdir(parents=True)
     tags = [f"variant:{request.variant}"] if request.variant else []
+    dataset = {"source": "embedded", **({"planted": {"scenario": request.scenario}} if request.scenario else {})}
     config = {"mixer": {}, "m": request.m, "seed": request.seed, "tags": tags, "trainer": {"max_steps": 400},
-              "dataset": {"source": "embedded"}}
+              "dataset": dataset}
     (run / "run_info.json").write_text(json.dumps({"config": config, "fingerprint": request.fingerprint,
                                                    "overrides": request_overrides(request, scale)[:-2]}))
     choices = {"mixer": request.method, "model": request.model, "dataset": request.dataset,
@@ -148,6 +149,28 @@ def test_the_variants_table_has_every_update_on_every_corpus_and_the_longer_pair
     chosen = replace(scale, study={**scale.study, "longer": {**scale.study["longer"], "update": "tilt"}})
     longer = PAYS_ARTIFACTS["pays_longer"].requests(chosen)
     assert {r.seed for r in longer} == {3, 4, 5} and {r.variant for r in longer} == {"longer", "longer_tilt"}
+
+
+def test_the_isolation_table_averages_the_seeds_and_names_a_run_it_could_not_measure(tmp_path: Path) -> None:
+    scale = pays_scale(tmp_path)
+    artifact = PAYS_ARTIFACTS["pays_isolation"]
+    requests = artifact.requests(scale)
+    assert [(r.method, r.scenario, r.variant) for r in requests] == [("dograph", "noise", None)] * 3
+    grid = [{"step": step, "planted": "noise", "rank": 4, "dim": 256, "cluster_on": on, "m": m, "buffer_size": n,
+             "isolated": 0.1 * m / 11, "ari": 0.02 if on == "raw" else 0.04}
+            for step in (200, 400) for on in ("direction", "raw") for m in (3, 11) for n in (128, 512)]
+    for request in requests[:2]:  # seed 2: a record without checkpoints or derived points
+        run = _run(scale.runs_root, scale, request, 6.0, 0.6)
+        (run / "derived").mkdir()
+        frame = pd.DataFrame(grid)
+        frame["isolated"] += 0.02 * request.seed
+        frame.to_csv(run / "derived" / "cluster_isolation.csv", index=False)
+    _run(scale.runs_root, scale, requests[2], 6.0, 0.6)
+    artifact.build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    text = (tmp_path / "out" / "pays_isolation.md").read_text()
+    assert "| 400 | direction | 4 (256) | 0.04 / 0.04 | 0.04 / 0.04 | 0.11 / 0.04 | 0.11 / 0.04 |" in text
+    assert "seed 2: not measured" in text and "Seeds: [0, 1] (n = 2)" in text
+    assert len(pd.read_csv(tmp_path / "out" / "pays_isolation_points.csv")) == 2 * len(grid)
 
 
 @pytest.mark.parametrize(("artifact", "scale", "message"), [
