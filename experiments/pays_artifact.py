@@ -285,8 +285,9 @@ class Isolation:
                  "index of the clusters against planted-or-not. K-means (the project's, 3 restarts x 3 iterations) "
                  "on the first N of one shuffled pool of held-out windows in natural proportions, projected at rank r "
                  "with the run's projection otherwise (experiments/cluster_isolation.py).",
-                 "The clusters are fitted here, not DoGraph's own (those are the planted_noise table's): the "
-                 "question is whether any setting could let DoGraph react to the noise domain."]
+                 "The clusters are fitted here on the runs' checkpoints, not DoGraph's own during training (those "
+                 "are in each run's mixer/refreshes.jsonl): the question is whether any setting could let DoGraph "
+                 "separate the noise domain at all."]
         header = ["Step", "cluster_on", "Rank (dim)"]
         if not points.empty:
             columns = [(m, n) for m in sorted(points["m"].unique()) for n in sorted(points["buffer_size"].unique())]
