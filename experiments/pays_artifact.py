@@ -187,7 +187,7 @@ class Variants:
     def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
         from experiments.planted_measures import CLEAN, RATIO, measured_rows
 
-        rows = []
+        rows, split = [], {}
         for setting, scenario in self.places(scale):
             measured = {}
             for label, arm in _update_arms(scale):
@@ -199,23 +199,44 @@ class Variants:
                     found = measured_rows(index, requests, leave_out_planted=scenario != "hidden_split")
                     measured[label] = (per_seed(found, column(CLEAN)), per_seed(found, column(RATIO)),
                                        per_seed(found, column("mean_ess")))
+                if scenario == "hidden_split" and arm.method == "dograph":
+                    split[label] = _split_agreement(found)
             reference = measured["Uniform"][0]
             for label, (loss, ratio, ess) in measured.items():
                 delta = cell(paired(loss, reference)) if label != "Uniform" else "—"
                 rows.append([scenario or setting, label, cell(loss), delta,
                              cell(ratio, 2) if scenario is not None and scenario != "hidden_split" else "—",
-                             cell(ess, 2)])
+                             cell(ess, 2), cell(split[label], 2) if label in split else "—"])
         notes = [CI_NOTE, "Val loss: on the embedded corpus the natural-mixture average; on a planted corpus the "
                  "clean validation loss of the planted study (noise, duplicates: every domain but the planted one; "
                  "hidden_split: every domain), results/planted/.", PAIRED,
                  "Planted ÷ share: the planted domain's effective weight over training ÷ its natural share "
                  "(below 1: down-weighted; the planted study's measure).", ESS_NOTE,
+                 "ARI split (hidden_split, DoGraph): at the last kept checkpoint, the ARI of DoGraph's own clusters "
+                 "within the merged domain against its two hidden halves (the planted study's measure, computed "
+                 "once from the checkpoints and kept in derived/; 0: one cluster holds both halves).",
                  "Updates (docs/design.md 2.5): paper = v_i = w_c / (n_c sum w), the default; tilt = v_i ∝ w_c; "
                  "shrink50 = half the plain mean, half the paper's. The paper's update and Uniform are the cpu and "
                  "planted scales' own runs.", *missing_note(index, self.requests(scale))]
         return Table(self.name, f"{self.title} - scale {scale.name}: gpt2_tiny",
-                     ["Corpus", "Update", "Val loss", "Δ vs Uniform", "Planted ÷ share", "Mean ESS"], rows,
+                     ["Corpus", "Update", "Val loss", "Δ vs Uniform", "Planted ÷ share", "Mean ESS", "ARI split"], rows,
                      notes).write(out_dir)
+
+
+def _split_agreement(found: pd.DataFrame) -> dict[int, float]:
+    """``{seed: ari_split}`` of DoGraph's clusters at each run's last kept checkpoint (``planted_clusters``)."""
+    from experiments.planted_artifact import CLUSTERS_FILE
+    from experiments.planted_clusters import cluster_agreement
+    from experiments.run_files import checkpoint_points
+
+    out = {}
+    for _, row in found.iterrows():
+        record = row.get("record")
+        points = checkpoint_points(Path(row["run_dir"]), Path(record) if isinstance(record, str) else None,
+                                   CLUSTERS_FILE, cluster_agreement)
+        if points is not None and not points.empty:
+            out[int(row["seed"])] = float(points.sort_values("step")["ari_split"].iloc[-1])
+    return out
 
 
 @dataclass(frozen=True)

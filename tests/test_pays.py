@@ -151,6 +151,23 @@ def test_the_variants_table_has_every_update_on_every_corpus_and_the_longer_pair
     assert {r.seed for r in longer} == {3, 4, 5} and {r.variant for r in longer} == {"longer", "longer_tilt"}
 
 
+def test_the_variants_table_reads_dograph_s_split_agreement_on_the_hidden_split(tmp_path: Path) -> None:
+    scale = replace(pays_scale(tmp_path), seeds=[0, 1], scenarios=["hidden_split"])
+    artifact = PAYS_ARTIFACTS["pays_variants"]
+    for request in artifact.requests(scale):
+        run = _run(scale.runs_root, scale, request, 6.0, 0.8)
+        if request.method == "dograph" and request.scenario == "hidden_split":
+            (run / "derived").mkdir()
+            ari = 0.5 if request.variant == "tilt" else 0.1
+            pd.DataFrame({"step": [400, 200], "ari_split": [ari + 0.1 * request.seed, 0.9]}).to_csv(
+                run / "derived" / "planted_clusters.csv", index=False)
+    artifact.build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "pays_variants.csv")
+    split = table[table["Corpus"] == "hidden_split"].set_index("Update")["ARI split"]
+    assert split["DoGraph, tilt"].startswith("0.55 ± ") and split["DoGraph, paper (cluster_mean)"].startswith("0.15")
+    assert split["Uniform"] == "—" and (table[table["Corpus"] == "embedded"]["ARI split"] == "—").all()
+
+
 def test_the_isolation_table_averages_the_seeds_and_names_a_run_it_could_not_measure(tmp_path: Path) -> None:
     scale = pays_scale(tmp_path)
     artifact = PAYS_ARTIFACTS["pays_isolation"]
