@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,45 @@ def _canonical(overrides: list[str]) -> list[str]:
     from dograph.runs.app import canonical_overrides  # heavy import, only when a stale record is explained
 
     return canonical_overrides(overrides)
+
+
+def sync_records(source: Path, target: Path) -> list[str]:
+    """Copy into ``target`` (a ``results/<scale>/runs``) the records of ``source`` (the same folder of another
+    checkout, e.g. a worktree a long study runs from) that ``target`` lacks, and the ``derived/`` files a record
+    there gained later (points computed from the live run's checkpoints). Returns what was copied."""
+    copied = []
+    for record in sorted(p.parent for p in source.glob(f"*/{RECORD_FILE}")):
+        mine = target / record.name
+        if not mine.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{record.name}.tmp-", dir=target))
+            shutil.copytree(record, tmp, dirs_exist_ok=True)
+            publish_directory(tmp, mine)
+            copied.append(record.name)
+            continue
+        for path in sorted((record / DERIVED).glob("*")) if (record / DERIVED).is_dir() else []:
+            if path.is_file() and not (mine / DERIVED / path.name).exists():
+                (mine / DERIVED).mkdir(exist_ok=True)
+                shutil.copyfile(path, mine / DERIVED / path.name)
+                copied.append(f"{record.name}/{DERIVED}/{path.name}")
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Copy run records from another checkout's results folder.")
+    parser.add_argument("command", choices=["sync"])
+    parser.add_argument("source", type=Path, help="results/<scale>/runs of the other checkout")
+    parser.add_argument("target", type=Path, help="results/<scale>/runs here")
+    args = parser.parse_args(argv)
+    if not args.source.is_dir():
+        print(f"error: {args.source} is no folder of records", file=sys.stderr)
+        return 2
+    args.target.mkdir(parents=True, exist_ok=True)
+    copied = sync_records(args.source, args.target)
+    print("\n".join(copied) if copied else "nothing new")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -214,3 +214,22 @@ if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:
     shutil.rmtree(FIXTURE, ignore_errors=True)
     build_fixture(FIXTURE)
     print(f"wrote {FIXTURE}")
+
+
+def test_sync_copies_new_records_and_derived_points_added_later(tmp_path: Path, capsys) -> None:
+    from experiments.records import main as records_main
+
+    source, target = tmp_path / "study" / "runs", tmp_path / "main" / "runs"
+    for name in ("a-seed0-1", "b-seed0-2"):
+        (source / name / "derived").mkdir(parents=True)
+        (source / name / "record.json").write_text("{}")
+    (source / "a-seed0-1" / "derived" / "points.csv").write_text("step\n400\n")
+    (target / "a-seed0-1").mkdir(parents=True)
+    (target / "a-seed0-1" / "record.json").write_text("{}")  # copied before its points were computed
+    assert records_main(["sync", str(source), str(target)]) == 0
+    assert capsys.readouterr().out.split() == ["a-seed0-1/derived/points.csv", "b-seed0-2"]
+    assert (target / "a-seed0-1" / "derived" / "points.csv").read_text() == "step\n400\n"
+    assert sorted(p.name for p in target.iterdir()) == ["a-seed0-1", "b-seed0-2"]  # no temporary left
+    assert records_main(["sync", str(source), str(target)]) == 0
+    assert capsys.readouterr().out.strip() == "nothing new"
+    assert records_main(["sync", str(tmp_path / "none"), str(target)]) == 2
