@@ -24,8 +24,8 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from dograph.runs.app import configure_runtime, run_training
 
-    configure_runtime()
     try:
+        configure_runtime()
         run_training(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     except DographError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,6 +38,7 @@ from dograph.data.builder import RunData, build_run_data  # noqa: E402
 from dograph.data.sampler import Batch  # noqa: E402
 from dograph.data.tokenizer import tokenizer_vocab_size  # noqa: E402
 from dograph.distributed import DistContext  # noqa: E402
+from dograph.host_allocator import tune_host_allocator  # noqa: E402
 from dograph.mixing import Mixer  # noqa: E402
 from dograph.models import build_model  # noqa: E402
 from dograph.train.metrics import MetricsWriter  # noqa: E402
@@ -63,6 +64,17 @@ def fill_shape_defaults(args: Any, device: torch.device) -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def configure_process(args: Any) -> None:
+    """``--threads`` and the host allocator (dograph/host_allocator.py), as ``run.py`` sets them up.
+
+    Records the allocator in ``args.host_allocator`` (printed with the arguments): ``heap`` when the
+    glibc settings are applied, ``system`` otherwise.
+    """
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    args.host_allocator = "heap" if tune_host_allocator() else "system"
 
 
 def cpu_model_name() -> str:

@@ -29,6 +29,7 @@ import torch
 from benchmarks.common import (
     FixedSampler,
     add_shared_arguments,
+    configure_process,
     load_model_config,
     make_model,
     make_trainer,
@@ -116,8 +117,7 @@ def compare(args: argparse.Namespace, target: dict[str, Any], cpu: dict[str, Any
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_process(args)
     device = resolve_device(args.device)
     args.tokenizer = args.tokenizer or load_model_config(args.model).tokenizer
     args.device_used = str(device)

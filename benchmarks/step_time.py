@@ -53,6 +53,7 @@ from benchmarks.common import (
     FixedSampler,
     Timing,
     autocast_factory,
+    configure_process,
     describe_model,
     fill_shape_defaults,
     fmt_bytes,
@@ -657,8 +658,7 @@ def should_profile(args: argparse.Namespace, steps: dict[str, Any]) -> bool:
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Threads, device, the device's default shape and the tokenizer; returns the device."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_process(args)
     device = resolve_device(args.device)
     fill_shape_defaults(args, device)
     if args.quick and args.buffer_size is None:

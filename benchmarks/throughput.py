@@ -35,6 +35,7 @@ from benchmarks.common import (
     FixedSampler,
     Timing,
     autocast_factory,
+    configure_process,
     describe_model,
     fill_shape_defaults,
     load_model_config,
@@ -147,8 +148,7 @@ def report(args: argparse.Namespace, timings: dict[str, Timing]) -> dict[str, An
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure and print; return the numbers ``--out`` writes (``benchmarks/gpu_report.py`` calls this)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_process(args)
     device = resolve_device(args.device)
     fill_shape_defaults(args, device)
     args.device_used = str(device)

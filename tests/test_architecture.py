@@ -18,7 +18,7 @@ from import_graph import REPO, all_edges, edges_of, project_modules
 
 TOP_LEVEL = ("dograph.config", "dograph.settings", "dograph.errors", "dograph.mixing", "dograph.models",
              "dograph.distributed", "dograph.parallel", "dograph.mixer_history", "dograph.reporting",
-             "dograph.atomic")
+             "dograph.atomic", "dograph.host_allocator")
 MIXER_NAMES = ("DoGraph", "Uniform", "DoReMi", "DoGE", "RegMix", "loss_based", "LossBased", "DataMixingLaw")
 
 

@@ -28,6 +28,7 @@ from dograph.config import (
     to_run_config,
 )
 from dograph.errors import ConfigError, DataError, DographError
+from dograph.host_allocator import tune_host_allocator
 
 OVERRIDABLE = ("eval.", "paths.")
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     try:
+        tune_host_allocator()
         run_dir = args.run_dir
         if not run_dir.is_dir():
             raise DataError(f"{run_dir} is not a directory")

@@ -34,6 +34,7 @@ from dograph.distributed import DistContext, barrier, init_distributed, shutdown
 from dograph.errors import ConfigError, DographError
 from dograph.eval.downstream import check_task_names, evaluate_after_training
 from dograph.eval.planted import planted_report
+from dograph.host_allocator import tune_host_allocator
 from dograph.mixing import Mixer, mixer_name
 from dograph.models import build_model, count_parameters, format_count
 from dograph.runs.pipeline import (
@@ -371,7 +372,10 @@ def train_run(cfg: RunConfig, run_dir: Path, dist: DistContext, stage_results: d
 
 
 def configure_runtime() -> None:
-    """Quiet tokenizers' fork warning and FAISS's loader; honour an explicit thread count."""
+    """Quiet tokenizers' fork warning and FAISS's loader; keep freed tensor memory mapped
+    (dograph/host_allocator.py; ``DOGRAPH_HOST_ALLOCATOR=system`` leaves malloc alone); honour an
+    explicit thread count."""
+    tune_host_allocator()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if "DOGRAPH_THREADS" in os.environ:
