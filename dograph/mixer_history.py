@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -61,21 +60,17 @@ class MixerHistory:
                   *(f"n{k}" for k in range(m))]
         rows = [[s, v, int(f), *w, *n] for s, v, f, w, n in
                 zip(self.steps, self.values, self.fallbacks, self.weights, self.sizes, strict=True)]
-        _atomic(out_dir / "weights.csv", lambda h: csv.writer(h).writerows([header, *rows]), text=True)
-        _atomic(out_dir / "assignments.npz", lambda h: np.savez_compressed(
-            h, step=np.asarray(self.steps, dtype=np.int64), cluster=_stack(self.assignments),
-            domain=_stack(self.domains)))
-        _atomic(out_dir / "refreshes.jsonl", lambda h: h.write("".join(json.dumps(r) + "\n" for r in self.refreshes)),
-                text=True)
+        with open_atomically(out_dir / "weights.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows([header, *rows])
+        with open_atomically(out_dir / "assignments.npz", "wb") as handle:
+            np.savez_compressed(handle, step=np.asarray(self.steps, dtype=np.int64), cluster=_stack(self.assignments),
+                                domain=_stack(self.domains))
+        with open_atomically(out_dir / "refreshes.jsonl", "w", newline="") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in self.refreshes))
 
 
 def _stack(rows: list[np.ndarray]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int16)
-
-
-def _atomic(path: Path, write: Callable[[IO[Any]], Any], text: bool = False) -> None:
-    with open_atomically(path, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
-        write(handle)
 
 
 @dataclass
@@ -120,4 +115,5 @@ class DomainWeightHistory:
         out_dir.mkdir(parents=True, exist_ok=True)
         header = ["step", *self.domains, *self.extra]
         rows = [[s, *r] for s, r in zip(self.steps, self.rows, strict=True)]
-        _atomic(out_dir / name, lambda h: csv.writer(h).writerows([header, *rows]), text=True)
+        with open_atomically(out_dir / name, "w", newline="") as handle:
+            csv.writer(handle).writerows([header, *rows])

@@ -383,3 +383,8 @@ def test_the_mixer_applies_its_sample_weight_rule(rule: str) -> None:
     w = torch.as_tensor(metrics["mixer/weights"], dtype=torch.float32)
     torch.testing.assert_close(v, per_sample_weights(w, assign, 4, rule, 0.5))
     assert not torch.allclose(v, per_sample_weights(w, assign, 4, "cluster_mean"))
+
+
+def test_an_unknown_sample_weight_rule_stops_the_mixer_before_any_step():
+    with pytest.raises(ConfigError, match="mixer.sample_weights must be one of cluster_mean, tilt, shrink"):
+        make_mixer(sample_weights="tilted")

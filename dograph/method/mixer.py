@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -50,7 +50,8 @@ from dograph.step.timing import StepTimer
 log = logging.getLogger(__name__)
 
 
-SAMPLE_WEIGHT_RULES = ("cluster_mean", "tilt", "shrink")  # mixer.sample_weights (docs/design.md section 2.5)
+SampleWeightRule = Literal["cluster_mean", "tilt", "shrink"]  # mixer.sample_weights (docs/design.md section 2.5)
+SAMPLE_WEIGHT_RULES: tuple[str, ...] = get_args(SampleWeightRule)
 
 
 def per_sample_weights(cluster_weights: Tensor, assign: Tensor, num_clusters: int, rule: str = "cluster_mean",
@@ -123,7 +124,7 @@ class DoGraphSettings(Settings):
     kmeans_warm_iterations: int  # iterations of a warm-started refresh
     kmeans_restarts: int  # k-means++ restarts at the first clustering
     max_consecutive_fallbacks: int  # log an error after this many solver fallbacks in a row (>= 1)
-    sample_weights: Literal["cluster_mean", "tilt", "shrink"]  # cluster weights -> sample weights (2.5; paper: first)
+    sample_weights: SampleWeightRule  # cluster weights -> sample weights (2.5; paper: first)
     shrink: float | None  # with sample_weights=shrink (only): the plain mean's share in [0, 1]
 
     def check(self) -> None:
@@ -162,10 +163,13 @@ class DoGraphMixer(Mixer):
                  buffer_size: int = 4096, recluster_every: int | None = None, ema_beta: float = 0.9,
                  kmeans_iterations: int = 3, kmeans_warm_iterations: int = 1, kmeans_restarts: int = 3,
                  cluster_on: str = "direction", max_consecutive_fallbacks: int = 10,
-                 sample_weights: str = "cluster_mean", shrink: float | None = None,
+                 sample_weights: SampleWeightRule = "cluster_mean", shrink: float | None = None,
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
         self.cluster_on = cluster_on
+        if sample_weights not in SAMPLE_WEIGHT_RULES:  # checked once here; per_sample_weights checks direct callers
+            raise ConfigError(f"mixer.sample_weights must be one of {', '.join(SAMPLE_WEIGHT_RULES)} "
+                              f"(got {sample_weights!r})")
         self.sample_weights, self.shrink = sample_weights, shrink or 0.0
         self.m, self.buffer_size, self.recluster_every = num_clusters, buffer_size, recluster_every
         self.ema_beta, self.domains = ema_beta, list(domains)
