@@ -386,5 +386,5 @@ def test_the_mixer_applies_its_sample_weight_rule(rule: str) -> None:
 
 
 def test_an_unknown_sample_weight_rule_stops_the_mixer_before_any_step():
-    with pytest.raises(ConfigError, match="mixer.sample_weights must be one of cluster_mean, tilt, shrink"):
+    with pytest.raises(ConfigError, match=r"mixer\.sample_weights must be one of cluster_mean, tilt, shrink"):
         make_mixer(sample_weights="tilted")
