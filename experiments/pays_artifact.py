@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from dograph.errors import ConfigError
 from experiments.render import NOT_AVAILABLE, Table, save_figure
 from experiments.scale import DEFAULT_M, RunRequest, Scale, make_request, rows_for
 from experiments.stats import mean_ci
@@ -35,6 +36,8 @@ PAIRED = ("Δ vs Uniform: per seed, DoGraph's value minus Uniform's at the same 
 ESS_NOTE = ("Mean ESS: the effective sample size of the step's sample weights, (sum v)^2 / (B sum v^2) in [1/B, 1], "
             "averaged over the steps a mixer weighed (summary.json weights.mean_ess; Uniform: 1).")
 UPDATE_NAMES = {None: "paper (cluster_mean)"}
+SEEDS_NOTE = ("Val loss cells are over each row's own seeds and Δ over the seeds both rows have, so while a seed "
+              "is missing Δ need not equal the difference of the two cells.")
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,12 @@ class EssCost:
             values = {k: {s: v for s, v in d.items() if v is not None and pd.notna(v)} for k, d in values.items()}
             rows.append([_batch_label(scale, batch), str(m), cell(values["mean_ess"]), cell(values["dograph_loss"]),
                          cell(values["uniform_loss"]), cell(values["delta"])])
-        notes = [CI_NOTE, "Every cell trains on the same sequences (the cpu scale's 400 steps x 16), warm-up over "
-                 "the same ~320; only the batch size (so the samples per cluster and step) and m change.",
+        notes = [CI_NOTE, "Every cell trains on the same sequences in the same order (the cpu scale's 400 steps x "
+                 "16; 133 x 48 = 0.25% fewer), but a larger batch is also fewer optimizer updates at the same peak "
+                 "learning rate (400, 133, 50), DoGraph's per-step statistics (EMA, proximal term) then span more "
+                 "sequences, and its weights act on fewer steps; the warm-up covers 320, 336 or 384 sequences. "
+                 "So the ESS moves together with these: Uniform at the same batch and seed is the pair that "
+                 "removes their main effect, not their interaction with DoGraph's weights.",
                  "Val loss: the final validation loss averaged with the natural mixture (nats).", PAIRED, ESS_NOTE,
                  *missing_note(index, self.requests(scale))]
         table = Table(self.name, f"{self.title} - scale {scale.name}", ["Batch", "m", "DoGraph mean ESS",
@@ -187,9 +194,9 @@ class Variants:
     def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
         from experiments.planted_measures import CLEAN, RATIO, measured_rows
 
-        rows, split = [], {}
+        rows = []
         for setting, scenario in self.places(scale):
-            measured = {}
+            measured, split = {}, {}
             for label, arm in _update_arms(scale):
                 requests = arm.requests(scale, setting, scale.seeds, scenario)
                 if scenario is None:
@@ -209,7 +216,7 @@ class Variants:
                              cell(ess, 2), cell(split[label], 2) if label in split else "—"])
         notes = [CI_NOTE, "Val loss: on the embedded corpus the natural-mixture average; on a planted corpus the "
                  "clean validation loss of the planted study (noise, duplicates: every domain but the planted one; "
-                 "hidden_split: every domain), results/planted/.", PAIRED,
+                 "hidden_split: every domain), results/planted/.", PAIRED, SEEDS_NOTE,
                  "Planted ÷ share: the planted domain's effective weight over training ÷ its natural share "
                  "(below 1: down-weighted; the planted study's measure).", ESS_NOTE,
                  "ARI split (hidden_split, DoGraph): at the last kept checkpoint, the ARI of DoGraph's own clusters "
@@ -239,6 +246,32 @@ def _split_agreement(found: pd.DataFrame) -> dict[int, float]:
     return out
 
 
+def longer_updates(scale: Scale) -> list[tuple[str, Arm]]:
+    """The updates question 5 may train: ``paper`` (the default update) and each ``study.sample_weights`` variant."""
+    return [("paper", Arm("dograph")), *((name, Arm("dograph", name, tuple(options)))
+                                          for name, options in scale.study["sample_weights"].items())]
+
+
+def rule_choice(index: pd.DataFrame, scale: Scale, setting: str = "embedded"
+                ) -> tuple[str | None, dict[str, float]]:
+    """The update the rule fixed in conf/reproduce/pays.yaml picks for question 5, and each update's mean Δ.
+
+    The rule: the update with the lowest mean paired Δ vs Uniform (final natural-mixture validation loss)
+    on the embedded corpus, over all of the scale's seeds (ties: the first of :func:`longer_updates`, the
+    paper's first). ``None`` until every update has a finite loss at every seed: no choice on part of them.
+    """
+    seeds = set(scale.seeds)
+    reference = per_seed(rows_for(index, Arm("uniform").requests(scale, setting, scale.seeds)), column("val/avg_loss"))
+    means: dict[str, float] = {}
+    for name, arm in longer_updates(scale):
+        deltas = paired(per_seed(rows_for(index, arm.requests(scale, setting, scale.seeds)), column("val/avg_loss")),
+                        reference)
+        if set(deltas) != seeds:
+            return None, means
+        means[name] = sum(deltas.values()) / len(deltas)
+    return min(means, key=lambda name: means[name]), means
+
+
 @dataclass(frozen=True)
 class Longer:
     """Question 5: Uniform against one DoGraph update for 4x the steps (``study.longer``), on seeds of its own."""
@@ -252,6 +285,10 @@ class Longer:
         update = spec.get("update")
         if update is None:
             return []
+        names = [name for name, _ in longer_updates(scale)]
+        if update not in names:
+            raise ConfigError(f"study.longer.update in conf/reproduce/{scale.name}.yaml must be null or one of "
+                              f"{', '.join(names)} (got {update!r})")
         base = tuple(spec["overrides"])
         variant_options = () if update == "paper" else tuple(scale.study["sample_weights"][update])
         return [("Uniform", Arm("uniform", "longer", base)),
@@ -267,10 +304,18 @@ class Longer:
         rule = ("The update is chosen after question 3 by the rule fixed in conf/reproduce/pays.yaml before any "
                 "variant was measured: the one with the lowest mean paired Δ vs Uniform on the embedded corpus; "
                 f"seeds {spec['seeds']} (not the other questions'); overrides: {', '.join(spec['overrides'])}.")
+        chosen, means = rule_choice(index, scale, self.setting)
+        if chosen is None:
+            gives = "the rule cannot be applied yet: not every update has all seeds on the embedded corpus"
+        else:
+            gives = (f"the rule gives {chosen} (mean Δ vs Uniform: "
+                     + ", ".join(f"{name} {value:+.3f}" for name, value in means.items()) + ")")
         arms = self.arms(scale)
         if not arms:
             return Table(self.name, f"{self.title} - scale {scale.name}", ["Method", "Val loss", "Δ vs Uniform",
-                         "Mean ESS"], [], [f"Not run yet: study.longer.update is null. {rule}"]).write(out_dir)
+                         "Mean ESS"], [], [f"Not run yet: study.longer.update is null; {gives}. {rule}"]).write(out_dir)
+        check = ([] if chosen == spec["update"] else
+                 [f"WARNING: study.longer.update is {spec['update']}, but {gives}: these runs do not follow the rule."])
         measured = {label: rows_for(index, arm.requests(scale, self.setting, spec["seeds"])) for label, arm in arms}
         reference = per_seed(measured["Uniform"], column("val/avg_loss"))
         rows = []
@@ -278,7 +323,7 @@ class Longer:
             loss = per_seed(found, column("val/avg_loss"))
             rows.append([label, cell(loss), "—" if label == "Uniform" else cell(paired(loss, reference)),
                          cell(per_seed(found, column("mean_ess")), 2)])
-        notes = [CI_NOTE, rule, PAIRED, ESS_NOTE, *missing_note(index, self.requests(scale))]
+        notes = [CI_NOTE, rule, *check, PAIRED, SEEDS_NOTE, ESS_NOTE, *missing_note(index, self.requests(scale))]
         return Table(self.name, f"{self.title} - scale {scale.name}", ["Method", "Val loss", "Δ vs Uniform",
                      "Mean ESS"], rows, notes).write(out_dir)
 

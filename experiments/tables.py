@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from experiments.index import domains_of
@@ -82,12 +83,21 @@ def method_rows(index: pd.DataFrame, requests: Sequence[RunRequest], columns: Se
 
 
 def missing_note(index: pd.DataFrame, requests: Sequence[RunRequest]) -> list[str]:
-    """A note naming the runs a table lacks (empty when none)."""
-    missing = [r for r in requests if rows_for(index, [r]).empty]
-    if not missing:
-        return []
-    return [f"{len(missing)} of {len(requests)} runs are missing (not available): "
-            + "; ".join(r.label() for r in missing[:6]) + (" ..." if len(missing) > 6 else "")]
+    """Notes naming the runs a table lacks and the runs that ended without a finite validation loss (a
+    diverged run is complete, but no cell can use it: it is named rather than silently dropped)."""
+    found = {r: rows_for(index, [r]) for r in requests}
+    missing = [r for r, rows in found.items() if rows.empty]
+    diverged = [r for r, rows in found.items() if not rows.empty and "val/avg_loss" in rows
+                and not np.isfinite(pd.to_numeric(rows["val/avg_loss"], errors="coerce").astype(float)).all()]
+    notes = []
+    if missing:
+        notes.append(f"{len(missing)} of {len(requests)} runs are missing (not available): "
+                     + "; ".join(r.label() for r in missing[:6]) + (" ..." if len(missing) > 6 else ""))
+    if diverged:
+        notes.append(f"{len(diverged)} of {len(requests)} runs ended without a finite validation loss (diverged; "
+                     "left out of every cell that needs a loss): " + "; ".join(r.label() for r in diverged[:6])
+                     + (" ..." if len(diverged) > 6 else ""))
+    return notes
 
 
 def shared_stage_note(methods: Sequence[str]) -> list[str]:

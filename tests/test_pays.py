@@ -14,6 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from dograph.errors import ConfigError
 from experiments.index import build_index
 from experiments.paper import ARTIFACTS
 from experiments.pays import PAYS_ARTIFACTS
@@ -149,6 +150,62 @@ def test_the_variants_table_has_every_update_on_every_corpus_and_the_longer_pair
     chosen = replace(scale, study={**scale.study, "longer": {**scale.study["longer"], "update": "tilt"}})
     longer = PAYS_ARTIFACTS["pays_longer"].requests(chosen)
     assert {r.seed for r in longer} == {3, 4, 5} and {r.variant for r in longer} == {"longer", "longer_tilt"}
+
+
+def test_a_diverged_run_is_named_in_the_table_not_silently_dropped(tmp_path: Path) -> None:
+    scale = replace(pays_scale(tmp_path), seeds=[0, 1, 2])
+    artifact = PAYS_ARTIFACTS["pays_ess_cost"]
+    for request in artifact.requests(scale):
+        if request.variant is None:  # b16 only
+            diverged = request.method == "dograph" and request.seed == 2
+            _run(scale.runs_root, scale, request, float("nan") if diverged else 6.0 + 0.05 * (request.method
+                 == "dograph"), 0.6)
+    artifact.build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    text = (tmp_path / "out" / "pays_ess_cost.md").read_text()
+    assert "1 of " in text and "ended without a finite validation loss" in text
+    assert "method=dograph model=gpt2_tiny dataset=embedded seed=2" in text.split("finite validation loss")[1]
+
+
+def test_the_longer_update_follows_the_rule_computed_from_the_variants(tmp_path: Path) -> None:
+    from experiments.pays_artifact import rule_choice
+
+    scale = replace(pays_scale(tmp_path), seeds=[0, 1], scenarios=[])
+    shift = {None: 0.08, "tilt": 0.02, "shrink50": 0.05}
+    requests = [r for r in PAYS_ARTIFACTS["pays_variants"].requests(scale)]
+    for request in requests:
+        if request.method == "dograph" and request.variant == "shrink50" and request.seed == 1:
+            continue  # one seed short: no choice yet
+        _run(scale.runs_root, scale, request, 6.0 + (shift[request.variant] if request.method == "dograph" else 0), 0.8)
+    index = build_index([scale.runs_root])
+    assert rule_choice(index, scale)[0] is None
+    (missing,) = [r for r in requests if r.variant == "shrink50" and r.seed == 1 and r.method == "dograph"]
+    _run(scale.runs_root, scale, missing, 6.05, 0.8)
+    chosen, means = rule_choice(build_index([scale.runs_root]), scale)
+    assert chosen == "tilt" and means["paper"] == pytest.approx(0.08)
+    configured = replace(scale, study={**scale.study, "longer": {**scale.study["longer"], "update": "shrink50"}})
+    PAYS_ARTIFACTS["pays_longer"].build(build_index([scale.runs_root]), configured, tmp_path / "out")
+    assert "WARNING: study.longer.update is shrink50, but the rule gives tilt" in (
+        tmp_path / "out" / "pays_longer.md").read_text()
+    wrong = replace(scale, study={**scale.study, "longer": {**scale.study["longer"], "update": "cluster_mean"}})
+    with pytest.raises(ConfigError, match=r"study\.longer\.update .* must be null or one of paper, tilt, shrink50"):
+        PAYS_ARTIFACTS["pays_longer"].requests(wrong)
+
+
+def test_every_batch_setting_sees_the_same_sequences_evaluated_and_kept_at_the_same_points() -> None:
+    scale = load_scale("pays")
+
+    def setting(batch: str) -> dict[str, int]:
+        values = {"trainer.batch_size": 16, **{o.split("=")[0]: int(o.split("=")[1]) for o in scale.common
+                                               if o.split("=")[0].startswith("trainer.") and o.split("=")[1].isdigit()}}
+        values.update({o.split("=")[0]: int(o.split("=")[1]) for o in scale.study["batches"][batch]})
+        return values
+
+    for batch in scale.study["batches"]:
+        values = setting(batch)
+        size = values["trainer.batch_size"]
+        assert abs(values["trainer.max_steps"] * size - 6400) <= 0.01 * 6400
+        assert abs(values["trainer.eval_every"] * size - 1600) <= 0.05 * 1600
+        assert abs(values["trainer.ckpt_every"] * size - 3200) <= 0.05 * 3200
 
 
 def test_the_variants_table_reads_dograph_s_split_agreement_on_the_hidden_split(tmp_path: Path) -> None:
