@@ -48,15 +48,21 @@ def child(args: argparse.Namespace) -> None:
 
     from baselines.uniform import UniformMixer
     from benchmarks import step_time
-    from benchmarks.common import FixedSampler, load_model_config, make_model, make_trainer, precompute_batches
-    from benchmarks.common import prepare_data as prepare
+    from benchmarks.common import (
+        FixedSampler,
+        load_model_config,
+        make_model,
+        make_trainer,
+        precompute_batches,
+        prepare_data,
+    )
 
     options = step_time.parse_args(["--quick", "--data", "random"]
                                    + (["--threads", str(args.threads)] if args.threads else []))
     device = step_time.setup(options)  # applies $DOGRAPH_HOST_ALLOCATOR (benchmarks.common.configure_process)
     out: dict[str, Any] = {"allocator": options.host_allocator, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="dograph-bench-") as tmp:
-        data = prepare(options.data, options.tokenizer, options.seq, options.seed, Path(tmp), None)
+        data = prepare_data(options.data, options.tokenizer, options.seq, options.seed, Path(tmp), None)
         batches = precompute_batches(data, 8, options.batch, options.seq, device, seed=options.seed)
         cfg = load_model_config(options.model)
         for variant in VARIANTS:

@@ -68,18 +68,18 @@ def per_sample_weights(cluster_weights: Tensor, assign: Tensor, num_clusters: in
     returned instead (no host synchronisation; :class:`DoGraphMixer` checks the mass on the
     host first and logs the fallback).
     """
-    if rule not in SAMPLE_WEIGHT_RULES:
-        raise ValueError(f"unknown sample-weight rule {rule!r} (one of {', '.join(SAMPLE_WEIGHT_RULES)})")
     counts = torch.bincount(assign, minlength=num_clusters).to(cluster_weights.dtype)
     present_mass = (cluster_weights * (counts > 0)).sum()
     plain = torch.full_like(cluster_weights[assign], 1.0 / len(assign))
     if rule == "tilt":  # scaled by the largest present weight first, so equal weights give exactly 1 / B
         scaled = cluster_weights / (cluster_weights * (counts > 0)).max()
         weights = scaled[assign] / scaled[assign].sum()
-    else:
+    elif rule in ("cluster_mean", "shrink"):
         weights = cluster_weights[assign] / (counts[assign] * present_mass)
         if rule == "shrink":
             weights = shrink * plain + (1.0 - shrink) * weights
+    else:  # the mixer checks its rule once when built; this is for direct callers
+        raise ValueError(f"unknown sample-weight rule {rule!r} (one of {', '.join(SAMPLE_WEIGHT_RULES)})")
     usable = torch.isfinite(present_mass) & (present_mass > 0)  # the tilt's mass is then finite and positive too
     return torch.where(usable, weights, plain)
 
@@ -167,7 +167,7 @@ class DoGraphMixer(Mixer):
                  domains: Sequence[str] = (), natural_mixture: Sequence[float] = (),
                  dist: DistContext | None = None, seed: int = 0) -> None:
         self.cluster_on = cluster_on
-        if sample_weights not in SAMPLE_WEIGHT_RULES:  # checked once here; per_sample_weights checks direct callers
+        if sample_weights not in SAMPLE_WEIGHT_RULES:  # once here, not in every step's weighting
             raise ConfigError(f"mixer.sample_weights must be one of {', '.join(SAMPLE_WEIGHT_RULES)} "
                               f"(got {sample_weights!r})")
         self.sample_weights, self.shrink = sample_weights, shrink or 0.0
