@@ -39,7 +39,7 @@ of wanted``) record it. The pool is shuffled once (``numpy`` PCG64, ``seed``) an
 first ``N`` of that order (all of the pool when it is smaller): so a buffer holds distinct windows, drawn
 without replacement, in proportions close to the natural shares, as a run's recent batches do.
 ``windows``, ``planted_windows`` and ``windows_<domain>`` count what each buffer held. Why packed and not
-``planted_clusters.spread_windows`` (windows each inside one document): on the embedded base most held-out
+``dograph.data.packing.spread_windows`` (windows each inside one document): on the embedded base most held-out
 documents of ``informal``, ``noise`` and ``wiki`` are shorter than a window (median 36, 58 and 84 tokens at
 ``seq_len`` 128), so spread windows would give 54, 152 and 92 of the 142, 512 and 282 a 2048 pool wants.
 

@@ -37,16 +37,20 @@ from experiments.tables import (
 
 CLUSTERS_FILE = "planted_clusters"  # derived/<this>.csv of a DoGraph run: experiments.planted_clusters
 CLUSTER_COLUMNS = (("ARI vs hidden", "ari_hidden"), ("ARI vs given", "ari_given"), ("NMI vs hidden", "nmi_hidden"),
-                   ("NMI vs given", "nmi_given"), ("ARI within {domain}", "ari_split"))
+                   ("NMI vs given", "nmi_given"), ("ARI within {domain}", "ari_split"),
+                   ("Homogeneity within {domain}", "homogeneity_split"))
 # Why a method's cluster cells hold no number (docs/design.md section 4.5).
 NO_CLUSTERS = {"uniform": "does not adapt", "loss_based": "no clusters (weighs samples by loss)"}
 LABEL_BLIND = "cannot see the split (weighs the given domains)"
 PAIRED = ("Δ: per seed, the method's value minus Uniform's at the same seed, mean ± the 95% t-interval over the "
-          "seeds both have (paired: below 0 is better than Uniform; an interval that excludes 0 is resolved).")
+          "seeds both have (paired: below 0 is better than Uniform; an interval that excludes 0 is resolved against "
+          "the noise it covers, for a staged method main-run noise only: see Shared stages).")
+EQUAL = "equal in every seed"  # a cell whose seeds agree exactly: a shared stage's mixture, Uniform's own Δ
 WEIGHT_NOTE = ("Weight: the planted domain's effective weight averaged over training (each log record weighted by "
                "the steps it covers): the share of the sample weights on its samples for the steps a mixer "
                "weighed (Loss-based, DoGraph), else the sampling mixture in effect (the mixture methods, "
-               "Uniform, warm-up); ÷ natural share below 1 means it was given less than its natural share.")
+               "Uniform, warm-up); ÷ natural share (its share of the corpus's text bytes, which is Uniform's "
+               "sampling mixture) below 1 means it was given less than its natural share.")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class PlantedScenario:
     def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
         requests = self.requests(scale)
         rows = measured_rows(index, requests, self.leave_out_planted)
+        if self.fresh:
+            rows = _with_rescored_fresh(rows)
         domain = _first(rows, DOMAIN) or self.domain
         share = _first(rows, SHARE)
         clusters = self._clusters(rows) if self.clusters else None
@@ -83,7 +89,7 @@ class PlantedScenario:
         cells = method_rows(rows, requests, columns, scale.methods)
         if self.clusters:
             _explain_cluster_cells(cells, scale.methods, len(CLUSTER_COLUMNS))
-        notes += [*shared_stage_note(scale.methods), *missing_note(index, requests)]
+        notes += [*shared_stage_note(scale.methods), *missing_note(index, requests), *self._unmeasured_note(rows)]
         paths = Table(self.name, scale_title(self.title, scale, self.setting), ["Method", *(c.header for c in columns)],
                       cells, notes).write(out_dir)
         curves = weight_curves(rows)
@@ -99,31 +105,62 @@ class PlantedScenario:
                  "every domain with its natural share (val/avg_loss: the merged text is clean text)")
         columns = [Column("Clean val loss", metric(CLEAN), 3)]
         notes = [CI_NOTE, f"Right answer: {self.right_answer}",
-                 f"Clean val loss: the final validation loss (nats) averaged over {clean}.", PAIRED, WEIGHT_NOTE]
+                 f"Clean val loss: the final validation loss (nats) averaged over {clean}; each cell is over the "
+                 "method's own seeds, so only the Δ columns compare methods seed for seed."]
         columns += _paired(rows, requests, CLEAN, "Δ clean vs Uniform")
         natural = f" ({share:.3f})" if share is not None else ""
-        columns += [Column(f"{domain} weight", metric(WEIGHT), 3),
-                    Column(f"÷ natural share{natural}", metric(RATIO), 2)]
+        columns += [Column(f"{domain} weight", metric(WEIGHT), 3, when_equal=EQUAL),
+                    Column(f"÷ natural share{natural}", metric(RATIO), 2, when_equal=EQUAL)]
+        notes.append(WEIGHT_NOTE)
         if self.fresh:
+            from dograph.eval.planted import FRESH_SAMPLE  # torch: only when a duplicates table is built
+
             replaced = domain.removesuffix("-dup")
             columns += [Column(f"Fresh {replaced} loss", metric(FRESH), 3)]
             columns += _paired(rows, requests, FRESH, "Δ fresh vs Uniform")
             notes.append(f"Fresh {replaced} loss: the final model's loss on the documents of {replaced} that were "
-                         "not duplicated, never trained on (as many windows as a domain's validation set).")
+                         f"not duplicated, never trained on. Sample: {FRESH_SAMPLE}. A run that scored an older "
+                         "sample is re-scored from its final checkpoint (experiments.planted_fresh).")
+        if any(c.header.startswith("Δ") for c in columns):
+            notes.insert(3, PAIRED)
         if self.clusters:
+            from experiments.planted_clusters import WINDOWS_PER_GROUP  # torch: only when a hidden_split table is built
+
             step = f" at step {int(clusters['step'].max())}" if clusters is not None and not clusters.empty else ""
             columns += [Column(header.format(domain=domain), metric(f"clusters/{key}"), 2)
                         for header, key in CLUSTER_COLUMNS]
             notes += [f"Clusters (DoGraph){step}, its last kept checkpoint: ARI and NMI of the clusters its centroids "
-                      "give held-out windows (up to 64 per domain) against the given labels (" + domain + " one "
-                      "domain) and the hidden ones (its two halves); within " + domain + ": its windows alone "
-                      "against the hidden labels (0: one cluster holds both halves, 1: the clusters cut exactly "
-                      f"between them). Every kept checkpoint: {self.name}_clusters.csv and the figure.",
+                      f"give held-out windows (up to {WINDOWS_PER_GROUP} per domain and per hidden half, each "
+                      "inside one document) against the given labels (" + domain + " one domain) and the hidden "
+                      "ones (its two halves). Within " + domain + ": its windows alone against the hidden labels; "
+                      "ARI is 0 at chance and 1 only when each half is one cluster of its own (a clean cut into "
+                      "3 + 2 clusters scores about 0.4); homogeneity is 1 whenever no cluster mixes the halves, "
+                      "however many clusters each takes (not corrected for chance). Every kept checkpoint: "
+                      f"{self.name}_clusters.csv and the figure.",
                       "DoReMi, DoGE, RegMix and Data Mixing Laws weigh the human domains they are given: " + domain
                       + " is one domain to them, so they cannot react to the split, only to the merged domain as a "
                       "whole (its weight). Loss-based weighs each sample by its loss and has no clusters; Uniform "
                       "does not adapt."]
         return columns, notes
+
+    def _unmeasured_note(self, rows: pd.DataFrame) -> list[str]:
+        """Complete runs that a cell needs and cannot use, named rather than silently dropped (n then shrinks)."""
+        if not len(rows):
+            return []
+        def named(mask: pd.Series) -> str:
+            return "; ".join(f"{method_name(m)} seed {int(s)}" for m, s in zip(rows.loc[mask, "method"],
+                                                                               rows.loc[mask, "seed"], strict=True))
+
+        facts = rows[DOMAIN].isna()
+        lacking = {"Complete runs without planted facts in summary.json (made before they were written; no cell "
+                   "uses them)": facts}
+        if self.fresh:
+            lacking["Runs without a fresh-document loss of this sample (scored by an older rule, and no checkpoint "
+                    "of their last step here to re-score)"] = ~facts & rows[FRESH].isna()
+        if self.clusters:
+            lacking["DoGraph runs without cluster rows (no kept checkpoint with K-means centroids)"] = (
+                (rows["method"] == "dograph") & rows[f"clusters/{CLUSTER_COLUMNS[0][1]}"].isna())
+        return [f"{what}: {named(mask)}." for what, mask in lacking.items() if mask.any()]
 
     def _clusters(self, rows: pd.DataFrame) -> pd.DataFrame:
         """DoGraph's agreement at every kept checkpoint, per run (computed once, kept in ``derived/``)."""
@@ -180,6 +217,25 @@ def _paired(rows: pd.DataFrame, requests: list[RunRequest], column: str, header:
     return [paired] if paired is not None else []
 
 
+def _with_rescored_fresh(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with the fresh-document loss of the runs that scored an older sample re-scored from their final
+    checkpoint (``experiments.planted_fresh``; computed once, kept in ``derived/`` and the record)."""
+    redo = rows[DOMAIN].notna() & rows[FRESH].isna() if len(rows) else pd.Series(dtype=bool)
+    if not redo.any():
+        return rows
+    from experiments.planted_fresh import FRESH_FILE, fresh_from_checkpoint  # torch: only when needed
+    from experiments.run_files import checkpoint_points
+
+    rows = rows.copy()
+    for at in rows.index[redo]:
+        record = rows.at[at, "record"] if "record" in rows else None
+        points = checkpoint_points(Path(rows.at[at, "run_dir"]), Path(record) if isinstance(record, str) else None,
+                                   FRESH_FILE, fresh_from_checkpoint)
+        if points is not None and len(points):
+            rows.at[at, FRESH] = float(points["loss"].iloc[-1])
+    return rows
+
+
 def _with_last_checkpoint(rows: pd.DataFrame, clusters: pd.DataFrame) -> pd.DataFrame:
     """The rows with ``clusters/<key>`` of each run's last kept checkpoint (NaN for runs without)."""
     rows = rows.copy()
@@ -187,7 +243,7 @@ def _with_last_checkpoint(rows: pd.DataFrame, clusters: pd.DataFrame) -> pd.Data
     last = clusters.sort_values("step").groupby("seed").tail(1).set_index("seed") if not clusters.empty else None
     for key in keys:
         rows[f"clusters/{key}"] = [float(last.loc[int(s), key]) if last is not None and m == "dograph"
-                                   and int(s) in last.index else float("nan")
+                                   and int(s) in last.index and key in last.columns else float("nan")
                                    for m, s in zip(rows["method"], rows["seed"], strict=True)]
     return rows
 

@@ -11,7 +11,9 @@ From ``summary.json`` (``natural_mixture``, ``final_eval``, ``planted``: ``dogra
   Loss-based, DoGraph) or else the sampling mixture in effect (``data/mixture/<domain>``: the mixture
   methods, Uniform, and the reweighting methods' warm-up); its **time average** weighs each record by
   the steps it covers. Compared with the domain's natural share as a ratio (below 1: down-weighted);
-* duplicates: the loss on the replaced domain's **fresh documents** (never trained on).
+* duplicates: the loss on the replaced domain's **fresh documents** (never trained on), as the run scored
+  them; a run made before they were spread over the documents (its ``fresh`` has no ``sample``) gives
+  None here, and the table re-scores it from its final checkpoint (``experiments.planted_fresh``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class PlantedRun:
     natural: dict[str, float]  # the natural mixture, per domain
     final_eval: dict[str, Any]
     domain: str  # the planted domain
-    fresh_loss: float | None  # duplicates: the loss on the fresh documents
+    fresh_loss: float | None  # duplicates: the loss on the fresh documents (None: scored by an older rule)
 
 
 def read_planted_run(run_dir: Path) -> PlantedRun | None:
@@ -57,7 +59,8 @@ def read_planted_run(run_dir: Path) -> PlantedRun | None:
     planted, natural = summary.get("planted"), summary.get("natural_mixture")
     if not isinstance(planted, dict) or not isinstance(natural, dict):
         return None
-    fresh = (planted.get("fresh") or {}).get("loss")
+    fresh_entry = planted.get("fresh") or {}
+    fresh = fresh_entry.get("loss") if "sample" in fresh_entry else None  # older runs: experiments.planted_fresh
     return PlantedRun(list(summary.get("domains") or natural), {d: float(s) for d, s in natural.items()},
                       dict(summary.get("final_eval") or {}), str(planted["domain"]),
                       None if fresh is None else float(fresh))

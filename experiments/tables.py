@@ -44,6 +44,14 @@ class Column:
     header: str
     value: Callable[[pd.Series], float | None]
     digits: int = 2
+    when_equal: str | None = None  # said instead of "± 0" when every seed gives the same value (a shared stage's)
+
+    def cell(self, rows: pd.DataFrame) -> str:
+        """The column's mean ± CI over ``rows`` (one run per seed) as a table cell."""
+        found = estimate(rows, self)
+        if self.when_equal and found.n > 1 and found.half_width == 0:
+            return f"{found.mean:.{self.digits}f} ({self.when_equal}, n={found.n})"
+        return found.format(self.digits)
 
 
 def metric(column: str, factor: float = 1.0) -> Callable[[pd.Series], float | None]:
@@ -78,7 +86,7 @@ def method_rows(index: pd.DataFrame, requests: Sequence[RunRequest], columns: Se
         if rows.empty:
             out.append([method_name(method), *([NOT_AVAILABLE] * len(columns))])
             continue
-        out.append([method_name(method), *(estimate(rows, c).format(c.digits) for c in columns)])
+        out.append([method_name(method), *(c.cell(rows) for c in columns)])
     return out
 
 

@@ -286,3 +286,13 @@ def test_small_domain_gets_its_validation_windows(tmp_path: Path, tokenizer) -> 
     assert share <= 3  # that share holds at most ~45 tokens, not 16 windows of 16
     windows = build_validation(cfg, corpus, tokenizer, seq_len=16)
     assert [len(w) for w in windows] == [16, 16]
+
+
+def test_evenly_spaced_takes_both_ends_and_distinct_items_in_order() -> None:
+    from dograph.data.packing import evenly_spaced
+
+    items = list(range(1404))
+    picked = evenly_spaced(items, 128)
+    assert len(picked) == len(set(picked)) == 128 and picked == sorted(picked)
+    assert picked[0] == 0 and picked[-1] == 1403 and int(np.diff(picked).max()) <= 12
+    assert evenly_spaced(items[:5], 128) == items[:5] and evenly_spaced(items, 1) == [0]

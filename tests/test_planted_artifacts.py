@@ -100,7 +100,8 @@ def make_planted_run(root: Path, scale: Scale, method: str, scenario: str, seed:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report = {"scenario": scenario, "domain": planted, "share": natural[planted]}
     if scenario == "duplicates":
-        report["fresh"] = {"domain": "books", "windows": 16, "loss": base + 0.7 - 0.5 * shift}
+        report["fresh"] = {"domain": "books", "windows": 16, "documents": 16, "sample": "spread",
+                           "loss": base + 0.7 - 0.5 * shift}
     summary = {"status": "complete", "completed_at": "2025-01-01T12:00:00+00:00", "steps": 20, "tokens_seen": 100,
                "train_time_s": 10.0, "eval_time_s": 1.0, "ckpt_time_s": 1.0, "domains": domains,
                "natural_mixture": natural, "final_eval": final, "planted": report}
@@ -110,7 +111,8 @@ def make_planted_run(root: Path, scale: Scale, method: str, scenario: str, seed:
         pd.DataFrame([{"step": step, "windows": 96, "merged_windows": 64, "merged_documents": 20,
                        "clusters_in_merged": 2 + k, "ari_hidden": 0.20 + 0.1 * k + 0.02 * seed,
                        "nmi_hidden": 0.30 + 0.1 * k, "ari_given": 0.15 + 0.05 * k, "nmi_given": 0.25 + 0.05 * k,
-                       "ari_split": 0.10 + 0.2 * k + 0.03 * seed, "nmi_split": 0.12 + 0.2 * k}
+                       "ari_split": 0.10 + 0.2 * k + 0.03 * seed, "nmi_split": 0.12 + 0.2 * k,
+                       "homogeneity_split": 0.3 + 0.2 * k}
                       for k, step in enumerate((10, 20))]).to_csv(run / "derived" / "planted_clusters.csv",
                                                                   index=False)
     return run
@@ -284,7 +286,7 @@ def test_the_hidden_split_table_says_why_other_methods_have_no_clusters(tmp_path
     assert "no clusters" in lines["Loss-based"]
     cluster_cells = lines["DoGraph"].split(" | ")[-5:]
     assert all(any(ch.isdigit() for ch in cell) for cell in cluster_cells)  # DoGraph: numbers, at its last step
-    assert cluster_cells[-1].startswith("0.32 ± ")  # ARI within code+latex at step 20 (0.30, 0.33), not step 10's
+    assert cluster_cells[-2].startswith("0.32 ± ")  # ARI within code+latex at step 20 (0.30, 0.33), not step 10's
     clusters = pd.read_csv(tmp_path / "out" / "planted_hidden_split_clusters.csv")
     assert set(clusters["step"]) == {10, 20} and set(clusters["method"]) == {"dograph"}
 
@@ -383,7 +385,8 @@ def test_a_duplicates_run_keeps_its_natural_mixture_and_the_loss_on_fresh_docume
     report = summary["planted"]
     assert report["domain"] == "docs-dup" and report["share"] == pytest.approx(summary["natural_mixture"]["docs-dup"])
     fresh = report["fresh"]
-    assert fresh["domain"] == "docs" and fresh["windows"] == 4 and 0 < fresh["loss"] < 20
+    assert fresh["domain"] == "docs" and fresh["windows"] >= fresh["documents"] >= 4 and 0 < fresh["loss"] < 20
+    assert "evenly spaced" in fresh["sample"]
     assert fresh["loss"] != summary["final_eval"]["val/docs-dup/loss"]
 
 
@@ -398,7 +401,7 @@ def test_planted_report_scores_the_fresh_windows_and_nothing_else(tiny_study: Sc
     report = planted_report(cfg.dataset, Path(cfg.paths.cache_dir), data.tokenizer, 32,
                             lambda windows: scored.append(windows) or 1.5)
     (windows,) = scored
-    assert windows.shape == (4, 33) and report["fresh"]["loss"] == 1.5
+    assert windows.shape == (report["fresh"]["windows"], 33) and len(windows) >= 4 and report["fresh"]["loss"] == 1.5
     trained = {tuple(w.tolist()) for w in data.validation[data.corpus.domains.index("docs-dup")]}
     assert not trained & {tuple(w.tolist()) for w in windows}
     unplanted = replace(cfg.dataset, planted=replace(cfg.dataset.planted, scenario="none"))
@@ -431,6 +434,100 @@ def test_dograph_clusters_are_compared_with_both_labels_at_each_kept_checkpoint(
                    if line.startswith("| DoGraph"))
     assert "not available" not in dograph and "(n=1)" in dograph
     assert {p.name for p in paths} >= {"planted_hidden_split.png", "planted_hidden_split_curves.csv"}
+
+
+def test_the_fresh_windows_start_distinct_documents_spread_over_the_whole_file(tiny_study: Scale) -> None:
+    """Not the first few documents packed one after another (which scored two passages of the embedded corpus)."""
+    from dograph.data.corpus import planted_directory
+    from dograph.data.packing import encode_documents, is_blank
+    from dograph.data.planted import fresh_source
+    from dograph.eval.planted import fresh_windows
+    from experiments.run_files import load_run_config, rebuild_data
+
+    run = make_request(tiny_study, "uniform", "gpt2_tiny", "planted", 0, scenario="duplicates").run_dir(tiny_study)
+    cfg = load_run_config(run)
+    directory = planted_directory(cfg.dataset, Path(cfg.paths.cache_dir))
+    tokenizer = rebuild_data(cfg).tokenizer
+    texts = [t for t in fresh_source(directory).documents() if not is_blank(t)]
+    starts = {tuple(encode_documents(tokenizer, [t])[:33].tolist()): i for i, t in enumerate(texts)}
+    windows, documents = fresh_windows(directory, tokenizer, 32, documents=4)
+    found = sorted(starts[tuple(w.tolist())] for w in windows)  # each window is the start of one fresh document
+    assert len(found) == documents == len(set(found)) >= 3 and len(texts) > 8
+    assert found[-1] - found[0] >= len(texts) // 2  # spread over the file, not its head
+
+
+def test_a_run_scored_by_the_older_rule_is_rescored_from_its_last_checkpoint_exactly(tiny_study: Scale,
+                                                                                       tmp_path: Path) -> None:
+    """The post-hoc score of a run's final checkpoint equals the score the run wrote itself; a run whose summary
+    predates the spread sample gets it in the table, kept in ``derived/`` of the run and of its record."""
+    from experiments.planted_fresh import FRESH_FILE, fresh_from_checkpoint
+    from experiments.records import records_root
+
+    run = make_request(tiny_study, "uniform", "gpt2_tiny", "planted", 0, scenario="duplicates").run_dir(tiny_study)
+    summary = json.loads((run / "summary.json").read_text())
+    rescored = fresh_from_checkpoint(run)
+    assert rescored is not None and int(rescored["step"].iloc[0]) == 8
+    assert float(rescored["loss"].iloc[0]) == pytest.approx(summary["planted"]["fresh"]["loss"], abs=1e-6)
+    old = shutil.copytree(run, tmp_path / "old_run")  # as a run made before the rule: its fresh has no sample
+    summary["planted"]["fresh"] = {"domain": "docs", "windows": 4, "loss": 99.0}
+    (old / "summary.json").write_text(json.dumps(summary))
+    here = replace(tiny_study, methods=["uniform"], scenarios=["duplicates"], runs_root=tmp_path,
+                   results_dir=tmp_path / "results")
+    write_record(old, records_root(here))
+    index = build_index([tmp_path / "old_run", records_root(here)])
+    PLANTED_ARTIFACTS["planted_duplicates"].build(index, here, tmp_path / "out")
+    table = (tmp_path / "out" / "planted_duplicates.md").read_text()
+    assert f"{float(rescored['loss'].iloc[0]):.3f} (n=1)" in table and "99.000" not in table
+    record = next(records_root(here).iterdir())
+    assert (record / "derived" / f"{FRESH_FILE}.csv").read_bytes() == (old / "derived" / f"{FRESH_FILE}.csv"
+                                                                         ).read_bytes()
+
+
+def test_a_run_without_planted_facts_or_a_rescorable_fresh_loss_is_named_not_dropped(tmp_path: Path) -> None:
+    scale = planted_scale(tmp_path)
+    planted_study(tmp_path, scale)
+    bare = tmp_path / "duplicates-doremi-1" / "summary.json"
+    summary = json.loads(bare.read_text())
+    bare.write_text(json.dumps({k: v for k, v in summary.items() if k != "planted"}))
+    older = tmp_path / "duplicates-dograph-0" / "summary.json"  # an older sample and no checkpoint to re-score
+    summary = json.loads(older.read_text())
+    summary["planted"]["fresh"].pop("sample")
+    older.write_text(json.dumps(summary))
+    PLANTED_ARTIFACTS["planted_duplicates"].build(build_index([tmp_path]), scale, tmp_path / "out")
+    notes = [line for line in (tmp_path / "out" / "planted_duplicates.md").read_text().splitlines()
+             if line.startswith("- ")]
+    assert any(n.startswith("- Complete runs without planted facts") and n.endswith(": DoReMi seed 1.") for n in notes)
+    assert any(n.startswith("- Runs without a fresh-document loss") and n.endswith(": DoGraph seed 0.") for n in notes)
+
+
+def test_within_the_merged_domain_a_clean_split_is_homogeneous_and_the_labels_are_not_swapped() -> None:
+    import torch
+
+    from experiments.planted_clusters import LabelledWindows, agreement_row
+
+    # 10 windows of domain A (given 0, hidden 0), 31 + 31 of the merged domain (given 1, hidden 1 | 2)
+    given = np.array([0] * 10 + [1] * 62)
+    hidden = np.array([0] * 10 + [1] * 31 + [2] * 31)
+    labelled = LabelledWindows(torch.zeros(72, 4, dtype=torch.int64), given, hidden, given == 1, 6,
+                               ["a", "m"], ["a", "m1", "m2"])
+    clean = np.array([0] * 10 + [1] * 10 + [2] * 10 + [3] * 11 + [4] * 15 + [5] * 16)  # halves in 3 + 2 clusters
+    row = agreement_row(100, clean, labelled, clusters=11)
+    assert row["homogeneity_split"] == pytest.approx(1.0) and 0.3 < row["ari_split"] < 0.5
+    assert row["ari_hidden"] > row["ari_given"]  # the clusters follow the halves, which only the hidden labels have
+    blind = np.array([0] * 10 + [1] * 62)  # one cluster per given domain: perfect on the given labels
+    row = agreement_row(100, blind, labelled, clusters=11)
+    assert row["ari_given"] == pytest.approx(1.0) and row["ari_hidden"] < 1.0
+    assert row["ari_split"] == pytest.approx(0.0) and row["homogeneity_split"] == pytest.approx(0.0)
+
+
+def test_a_column_whose_seeds_agree_exactly_says_so_instead_of_a_zero_interval() -> None:
+    from experiments.tables import Column, metric
+
+    rows = pd.DataFrame({"x": [0.25, 0.25, 0.25]})
+    assert Column("x", metric("x"), 3, when_equal="equal in every seed").cell(rows) == \
+        "0.250 (equal in every seed, n=3)"
+    assert Column("x", metric("x"), 3).cell(rows) == "0.250 ± 0.000 (n=3)"
+    assert Column("x", metric("x"), 3, when_equal="same").cell(pd.DataFrame({"x": [0.2, 0.3]})).startswith("0.250 ±")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:

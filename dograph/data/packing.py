@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +177,37 @@ def pack_validation_windows(documents: Iterable[str], tokenizer: Any, seq_len: i
     return torch.from_numpy(np.stack(windows).astype(np.int64)) if windows else torch.empty(0, seq_len + 1,
                                                                                           dtype=torch.int64)
 
+
+
+def spread_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, count: int) -> tuple[Tensor, int]:
+    """Up to ``count`` windows [n, seq_len + 1], each inside one document: ``ceil(count / len(texts))`` from the
+    start of each text in order (a text too short for one window gives none); and how many texts gave any.
+
+    Unlike :func:`pack_validation_windows`, which packs the first documents one after another, this
+    spreads a small sample over many documents (the planted study's measures: docs/design.md section 4.5).
+    """
+    per = -(-count // max(len(texts), 1))
+    parts: list[Tensor] = []
+    have = 0
+    for text in texts:
+        if have >= count:
+            break
+        windows = pack_validation_windows([text], tokenizer, seq_len, min(per, count - have))
+        if len(windows):
+            parts.append(windows)
+            have += len(windows)
+    if not parts:
+        return torch.empty(0, seq_len + 1, dtype=torch.int64), 0
+    return torch.cat(parts), len(parts)
+
+
+def evenly_spaced(items: Sequence[Any], count: int) -> list[Any]:
+    """``count`` items at evenly spaced positions from the first to the last (all of them when there are fewer)."""
+    if count >= len(items):
+        return list(items)
+    if count <= 1:
+        return list(items[:count])
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 # ---- validation hold-out -------------------------------------------------------------------------------
 
