@@ -8,10 +8,11 @@ and planted scales' Uniform and DoGraph runs where they are the same runs. In tr
 
 from __future__ import annotations
 
-from experiments.pays_artifact import EssCost, Isolation, Longer, Variants
+from experiments.pays_artifact import EssCost, EssRules, Isolation, Longer, Variants
 
 _ALL = (
     EssCost("pays_ess_cost", "What DoGraph's sample weights cost: Δ val loss vs Uniform against the weights' ESS"),
+    EssRules("pays_ess_rules", "What the paper's update's ESS is made of, and our rules at the same cluster weights"),
     Variants("pays_variants", "DoGraph's update and our variants of its sample weights, against Uniform"),
     Isolation("pays_isolation", "Can K-means on projected gradients isolate the planted noise domain?"),
     Longer("pays_longer", "Uniform against DoGraph for 4x the steps"),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dograph.errors import ConfigError
@@ -170,6 +171,100 @@ class EssCost:
         return fig
 
 
+# (header, column, rule, shrink) of the rules EssRules compares; "equal": the paper's update with equal weights
+RULES = (("ESS paper (cluster_mean)", "cluster_mean", "cluster_mean", 0.0),
+         ("ESS equal cluster weights", "equal", "equal", 0.0), ("ESS tilt", "tilt", "tilt", 0.0),
+         ("ESS shrink50", "shrink50", "shrink", 0.5))
+RULE_COLUMNS = ["batch", "label", "m", "seed", "steps", "present", "singletons", *(r[1] for r in RULES), "logged"]
+
+
+def step_ess(weights: np.ndarray, counts: np.ndarray, rule: str, shrink: float = 0.0) -> float:
+    """The ESS ``(sum v)^2 / (B sum v^2)`` of one step's sample weights under ``rule``, at the cluster weights
+    and batch counts DoGraph logged for it (``mixer/weights.csv``); ``equal``: the paper's update with equal
+    weights on the present clusters (what the cluster counts alone cost). Computed by the training code's own
+    ``per_sample_weights``."""
+    import torch
+
+    from dograph.method.mixer import per_sample_weights
+
+    assign = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts, dtype=torch.int64))
+    w = torch.as_tensor(np.ones_like(weights) if rule == "equal" else weights, dtype=torch.float64)
+    v = per_sample_weights(w, assign, len(counts), "cluster_mean" if rule == "equal" else rule, shrink)
+    return float(v.sum() ** 2 / (len(v) * (v ** 2).sum()))
+
+
+def rule_points(run_dir: Path) -> dict[str, float] | None:
+    """Per run: the mean over its weighed steps of each rule's ESS (:data:`RULES`), present clusters and singleton
+    clusters per step; None without a weight history."""
+    path = run_dir / "mixer" / "weights.csv"
+    if not path.exists():
+        return None
+    history = pd.read_csv(path)
+    m = sum(1 for c in history.columns if c.startswith("w") and c[1:].isdigit())
+    weights = history[[f"w{k}" for k in range(m)]].to_numpy(np.float64)
+    counts = history[[f"n{k}" for k in range(m)]].to_numpy(np.int64)
+    out = {"steps": float(len(history)), "present": float((counts > 0).sum(1).mean()),
+           "singletons": float((counts == 1).sum(1).mean())}
+    for _, key, rule, shrink in RULES:
+        out[key] = float(np.mean([step_ess(w, n, rule, shrink) for w, n in zip(weights, counts, strict=True)]))
+    return out
+
+
+@dataclass(frozen=True)
+class EssRules:
+    """Question 1, from the runs already made: what the paper's update's ESS is made of, and what our rules
+    would have given at the same cluster weights and counts (a counterfactual at the paper's run's weights: a run
+    under another rule would choose other weights, so its own ESS is what pays_variants reports)."""
+
+    name: str
+    title: str
+    setting: str = "embedded"
+
+    def requests(self, scale: Scale) -> list[RunRequest]:
+        return [r for _, _, dograph, _ in EssCost("", "").cells(scale)
+                for r in dograph.requests(scale, self.setting, scale.seeds)]
+
+    def points(self, index: pd.DataFrame, scale: Scale) -> pd.DataFrame:
+        records = []
+        for batch, m, dograph, _ in EssCost("", "").cells(scale):
+            found = rows_for(index, dograph.requests(scale, self.setting, scale.seeds))
+            for _, row in found.iterrows():
+                values = rule_points(Path(row["run_dir"]))
+                if values is not None:
+                    records.append({"batch": batch, "label": _batch_label(scale, batch), "m": m,
+                                    "seed": int(row["seed"]), **values, "logged": row.get("mean_ess")})
+        return pd.DataFrame(records, columns=RULE_COLUMNS)
+
+    def build(self, index: pd.DataFrame, scale: Scale, out_dir: Path) -> list[Path]:
+        points = self.points(index, scale)
+        keys = [r[1] for r in RULES]
+        rows = []
+        for batch, m, _, _ in EssCost("", "").cells(scale):
+            mine = points[(points["batch"] == batch) & (points["m"] == m)]
+            by_seed = {key: dict(zip(mine["seed"], mine[key], strict=True)) for key in ("present", "singletons", *keys)}
+            rows.append([_batch_label(scale, batch), str(m), cell(by_seed["present"], 1),
+                         cell(by_seed["singletons"], 1), *(cell(by_seed[k], 2) for k in keys)])
+        notes = [CI_NOTE,
+                 "Each run's logged cluster weights w and batch counts n of every weighed step (mixer/weights.csv) "
+                 "turned into sample weights by the training code's per_sample_weights under each rule; ESS = "
+                 "(sum v)^2 / (B sum v^2), averaged over the steps. The paper column recomputes the run's own "
+                 "logged mean ESS (summary.json; equal to it to rounding, checked per run).",
+                 "Equal cluster weights: the paper's update with w equal on the present clusters, so v_i = "
+                 "1 / (K n_c): what the cluster counts alone cost, whatever the objective chose. Tilt and shrink50 "
+                 "(docs/design.md 2.5) at the same w: what the rule alone changes. A counterfactual: a run under "
+                 "another rule would reach other weights; its own ESS is in pays_variants.",
+                 "Present: clusters with a sample in the step's batch; singletons: of them, those with one.",
+                 *missing_note(index, self.requests(scale))]
+        mismatch = points[(points["logged"] - points["cluster_mean"]).abs() > 1e-6]
+        if len(mismatch):
+            notes.append("Runs whose recomputed paper ESS differs from their logged one by more than 1e-6 (their "
+                         "weight history does not match their summary): " + ", ".join(
+                             f"{label} seed {seed}" for label, seed in zip(mismatch["label"], mismatch["seed"],
+                                                                            strict=True)))
+        header = ["Batch", "m", "Present clusters", "Singletons", *(r[0] for r in RULES)]
+        return Table(self.name, f"{self.title} - scale {scale.name}", header, rows, notes).write(out_dir)
+
+
 def _update_arms(scale: Scale) -> list[tuple[str, Arm]]:
     """Uniform, the paper's update, and each variant of ``study.sample_weights``."""
     arms = [("Uniform", Arm("uniform")), (f"DoGraph, {UPDATE_NAMES[None]}", Arm("dograph"))]
@@ -221,7 +316,8 @@ class Variants:
                  "(below 1: down-weighted; the planted study's measure).", ESS_NOTE,
                  "ARI split (hidden_split, DoGraph): at the last kept checkpoint, the ARI of DoGraph's own clusters "
                  "within the merged domain against its two hidden halves (the planted study's measure, computed "
-                 "once from the checkpoints and kept in derived/; 0: one cluster holds both halves).",
+                 "once from the checkpoints and kept in derived/; 0 at chance, 1 only when each half is one "
+                 "cluster of its own: results/planted/planted_hidden_split.md gives homogeneity beside it).",
                  "Updates (docs/design.md 2.5): paper = v_i = w_c / (n_c sum w), the default; tilt = v_i ∝ w_c; "
                  "shrink50 = half the plain mean, half the paper's. The paper's update and Uniform are the cpu and "
                  "planted scales' own runs.", *missing_note(index, self.requests(scale))]

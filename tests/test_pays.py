@@ -135,6 +135,46 @@ def test_the_ess_cost_table_pairs_each_cell_with_uniform_at_the_same_batch(tmp_p
     assert len(points) == 8 and points["delta"].notna().all()
 
 
+def test_step_ess_is_each_rule_s_formula_at_the_logged_weights_and_counts() -> None:
+    import numpy as np
+
+    from experiments.pays_artifact import step_ess
+
+    counts, half = np.array([1, 7, 0]), np.array([0.5, 0.5, 0.3])  # an absent cluster's weight plays no part
+    assert step_ess(half, counts, "cluster_mean") == pytest.approx(1 / (8 * (0.25 / 1 + 0.25 / 7)))  # 0.4375
+    assert step_ess(half, counts, "equal") == pytest.approx(step_ess(half, counts, "cluster_mean"))
+    assert step_ess(half, counts, "tilt") == pytest.approx(1.0)  # equal weights: the plain mean
+    skew = np.array([0.8, 0.2, 0.0])
+    v = np.array([0.8] + [0.2] * 7) / (0.8 + 1.4)  # tilt: v_i proportional to w_c
+    assert step_ess(skew, counts, "tilt") == pytest.approx(v.sum() ** 2 / (8 * (v ** 2).sum()))
+    assert step_ess(skew, counts, "shrink", 0.0) == pytest.approx(step_ess(skew, counts, "cluster_mean"))
+    assert step_ess(skew, counts, "shrink", 1.0) == pytest.approx(1.0)
+
+
+def test_the_ess_rules_table_recomputes_the_logged_ess_and_names_a_run_that_disagrees(tmp_path: Path) -> None:
+    import numpy as np
+
+    from experiments.pays_artifact import step_ess
+
+    scale = replace(pays_scale(tmp_path), seeds=[0, 1])
+    artifact = PAYS_ARTIFACTS["pays_ess_rules"]
+    history = pd.DataFrame([{"step": 10 + i, "objective_value": 0.1, "fallback": 0, "w0": 0.5 + 0.1 * i, "w1": 0.5,
+                             "w2": 0.0, "n0": 1 + i, "n1": 15 - i, "n2": 0} for i in range(3)])
+    logged = float(np.mean([step_ess(np.array([0.5 + 0.1 * i, 0.5, 0.0]), np.array([1 + i, 15 - i, 0]),
+                                     "cluster_mean") for i in range(3)]))
+    for request in artifact.requests(scale):
+        if request.variant is None:  # batch 16, m 11: seed 1's summary disagrees with its weight history
+            run = _run(scale.runs_root, scale, request, 6.0, logged if request.seed == 0 else logged + 0.1)
+            (run / "mixer").mkdir()
+            history.to_csv(run / "mixer" / "weights.csv", index=False)
+    artifact.build(build_index([scale.runs_root]), scale, tmp_path / "out")
+    text = (tmp_path / "out" / "pays_ess_rules.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| batch 16 x 400 steps | 11"))
+    assert f"| {logged:.2f} ± 0.00 (n=2) |" in row and "| 2.0 ± 0.0 (n=2) |" in row
+    assert "Runs whose recomputed paper ESS differs" in text and "batch 16 x 400 steps seed 1" in text
+    assert "| batch 48 x 133 steps | 3 | not available" in text
+
+
 def test_the_variants_table_has_every_update_on_every_corpus_and_the_longer_pair_waits(tmp_path: Path) -> None:
     scale = replace(pays_scale(tmp_path), seeds=[0], scenarios=[])
     artifact = PAYS_ARTIFACTS["pays_variants"]
