@@ -103,15 +103,14 @@ class PlantedScenario:
                  clusters: pd.DataFrame | None) -> tuple[list[Column], list[str]]:
         clean = (f"every domain but {domain}, their natural shares renormalised" if self.leave_out_planted else
                  "every domain with its natural share (val/avg_loss: the merged text is clean text)")
-        columns = [Column("Clean val loss", metric(CLEAN), 3)]
+        columns = [Column("Clean val loss", metric(CLEAN), 3), *_paired(rows, requests, CLEAN, "Δ clean vs Uniform")]
         notes = [CI_NOTE, f"Right answer: {self.right_answer}",
                  f"Clean val loss: the final validation loss (nats) averaged over {clean}; each cell is over the "
-                 "method's own seeds, so only the Δ columns compare methods seed for seed."]
-        columns += _paired(rows, requests, CLEAN, "Δ clean vs Uniform")
+                 "method's own seeds, so only the Δ columns compare methods seed for seed.",
+                 *([PAIRED] if len(columns) > 1 else []), WEIGHT_NOTE]
         natural = f" ({share:.3f})" if share is not None else ""
         columns += [Column(f"{domain} weight", metric(WEIGHT), 3, when_equal=EQUAL),
                     Column(f"÷ natural share{natural}", metric(RATIO), 2, when_equal=EQUAL)]
-        notes.append(WEIGHT_NOTE)
         if self.fresh:
             from dograph.eval.planted import FRESH_SAMPLE  # torch: only when a duplicates table is built
 
@@ -121,8 +120,6 @@ class PlantedScenario:
             notes.append(f"Fresh {replaced} loss: the final model's loss on the documents of {replaced} that were "
                          f"not duplicated, never trained on. Sample: {FRESH_SAMPLE}. A run that scored an older "
                          "sample is re-scored from its final checkpoint (experiments.planted_fresh).")
-        if any(c.header.startswith("Δ") for c in columns):
-            notes.insert(3, PAIRED)
         if self.clusters:
             from experiments.planted_clusters import WINDOWS_PER_GROUP  # torch: only when a hidden_split table is built
 
@@ -147,6 +144,7 @@ class PlantedScenario:
         """Complete runs that a cell needs and cannot use, named rather than silently dropped (n then shrinks)."""
         if not len(rows):
             return []
+
         def named(mask: pd.Series) -> str:
             return "; ".join(f"{method_name(m)} seed {int(s)}" for m, s in zip(rows.loc[mask, "method"],
                                                                                rows.loc[mask, "seed"], strict=True))
