@@ -328,7 +328,7 @@ class Variants:
 
 def _split_agreement(found: pd.DataFrame) -> dict[int, float]:
     """``{seed: ari_split}`` of DoGraph's clusters at each run's last kept checkpoint (``planted_clusters``)."""
-    from experiments.planted_artifact import CLUSTERS_FILE
+    from experiments.planted_artifact import CLUSTER_COLUMNS, CLUSTERS_FILE
     from experiments.planted_clusters import cluster_agreement
     from experiments.run_files import checkpoint_points
 
@@ -336,7 +336,7 @@ def _split_agreement(found: pd.DataFrame) -> dict[int, float]:
     for _, row in found.iterrows():
         record = row.get("record")
         points = checkpoint_points(Path(row["run_dir"]), Path(record) if isinstance(record, str) else None,
-                                   CLUSTERS_FILE, cluster_agreement)
+                                   CLUSTERS_FILE, cluster_agreement, columns=[k for _, k in CLUSTER_COLUMNS])
         if points is not None and not points.empty:
             out[int(row["seed"])] = float(points.sort_values("step")["ari_split"].iloc[-1])
     return out

@@ -169,7 +169,7 @@ class PlantedScenario:
         for _, row in rows[rows["method"] == "dograph"].iterrows():
             record = row.get("record")
             points = checkpoint_points(Path(row["run_dir"]), Path(record) if isinstance(record, str) else None,
-                                       CLUSTERS_FILE, cluster_agreement)
+                                       CLUSTERS_FILE, cluster_agreement, columns=[k for _, k in CLUSTER_COLUMNS])
             if points is not None:
                 frames.append(points.assign(method=row["method"], seed=int(row["seed"])))
         if not frames:

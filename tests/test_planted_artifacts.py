@@ -538,6 +538,21 @@ def test_within_the_merged_domain_a_clean_split_is_homogeneous_and_the_labels_ar
     assert row["ari_split"] == pytest.approx(0.0) and row["homogeneity_split"] == pytest.approx(0.0)
 
 
+def test_kept_points_written_by_older_code_are_computed_again_where_the_checkpoints_are(tmp_path: Path) -> None:
+    from experiments.run_files import checkpoint_points
+
+    run, record = tmp_path / "run", tmp_path / "record"
+    for where in (run, record):
+        (where / "derived").mkdir(parents=True)
+        pd.DataFrame({"step": [1], "old": [0.5]}).to_csv(where / "derived" / "p.csv", index=False)
+    now = pd.DataFrame({"step": [1], "old": [0.5], "new": [0.25]})
+    assert list(checkpoint_points(run, record, "p", lambda d: now, columns=["old"]).columns) == ["step", "old"]
+    gone = checkpoint_points(record, None, "p", lambda d: None, columns=["new"])  # a record: nothing to recompute
+    assert list(gone.columns) == ["step", "old"]
+    assert checkpoint_points(run, record, "p", lambda d: now, columns=["new"])["new"].tolist() == [0.25]
+    assert pd.read_csv(record / "derived" / "p.csv")["new"].tolist() == [0.25]  # the record gets the new file too
+
+
 def test_a_column_whose_seeds_agree_exactly_says_so_instead_of_a_zero_interval() -> None:
     from experiments.tables import Column, metric
 
