@@ -561,6 +561,8 @@ def test_a_column_whose_seeds_agree_exactly_says_so_instead_of_a_zero_interval()
         "0.250 (equal in every seed, n=3)"
     assert Column("x", metric("x"), 3).cell(rows) == "0.250 ± 0.000 (n=3)"
     assert Column("x", metric("x"), 3, when_equal="same").cell(pd.DataFrame({"x": [0.2, 0.3]})).startswith("0.250 ±")
+    ratio = pd.DataFrame({"x": [0.363 / 0.25, 0.363 / 0.25 * (1 + 1e-15), 0.363 / 0.25]})  # equal but for the last bits
+    assert Column("x", metric("x"), 2, when_equal="same").cell(ratio) == "1.45 (same, n=3)"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:
