@@ -9,8 +9,10 @@ From ``summary.json`` (``natural_mixture``, ``final_eval``, ``planted``: ``dogra
 * the planted domain's **effective weight** over training, one value per ``train`` record: the share
   of the sample weights its samples carried (``train/effective_mixture``, the steps the mixer weighed:
   Loss-based, DoGraph) or else the sampling mixture in effect (``data/mixture/<domain>``: the mixture
-  methods, Uniform, and the reweighting methods' warm-up); its **time average** weighs each record by
-  the steps it covers. Compared with the domain's natural share as a ratio (below 1: down-weighted);
+  methods, Uniform, and the reweighting methods' warm-up; a window that starts weighing midway blends
+  the two by its share of unweighed steps, ``mixer/warmup`` or ``mixer/burn_in``); its **time average**
+  weighs each record by the steps it covers. Compared with the domain's natural share as a ratio
+  (below 1: down-weighted);
 * duplicates: the loss on the replaced domain's **fresh documents** (never trained on), as the run scored
   them; a run made before they were spread over the documents (its ``fresh`` has no ``sample``) gives
   None here, and the table re-scores it from its final checkpoint (``experiments.planted_fresh``).
@@ -37,6 +39,9 @@ FRESH = "planted/fresh_loss"
 DOMAIN = "planted/domain"
 MEASURES = (CLEAN, WEIGHT, SHARE, RATIO, FRESH, DOMAIN)
 CURVE_COLUMNS = ["step", "weight", "source"]
+# The share of a log window's steps a reweighting mixer did not weigh (the plain mean): DoGraph's warm-up, Loss-based's
+# burn-in; train/effective_mixture covers the weighed steps only.
+WARMUP_KEYS = ("mixer/warmup", "mixer/burn_in")
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,15 @@ def weight_curve(run_dir: Path, domain: str, domains: Sequence[str]) -> pd.DataF
         if record.get("kind") != "train":
             continue
         effective = record.get("train/effective_mixture")
+        mixture = record.get(f"data/mixture/{domain}")
         if isinstance(effective, list) and len(effective) == len(domains):
-            rows.append({"step": int(record["step"]), "weight": float(effective[index]), "source": "weights"})
-        elif isinstance(record.get(f"data/mixture/{domain}"), int | float):
-            rows.append({"step": int(record["step"]), "weight": float(record[f"data/mixture/{domain}"]),
-                         "source": "mixture"})
+            weight = float(effective[index])  # over the window's weighed steps only
+            plain = next((record[k] for k in WARMUP_KEYS if isinstance(record.get(k), int | float)), 0.0)
+            if 0.0 < plain < 1.0 and isinstance(mixture, int | float):  # a window that starts weighing midway
+                weight = plain * float(mixture) + (1.0 - plain) * weight
+            rows.append({"step": int(record["step"]), "weight": weight, "source": "weights"})
+        elif isinstance(mixture, int | float):
+            rows.append({"step": int(record["step"]), "weight": float(mixture), "source": "mixture"})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 

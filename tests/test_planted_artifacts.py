@@ -226,6 +226,9 @@ def test_the_effective_weight_is_the_weights_share_else_the_mixture_averaged_ove
     assert curve.to_dict("list") == {"step": [10, 40], "weight": [0.5, 0.2], "source": ["mixture", "weights"]}
     assert time_average(curve) == pytest.approx((10 * 0.5 + 30 * 0.2) / 40)  # each record: the steps it covers
     assert time_average(curve.iloc[0:0]) is None
+    records[2]["mixer/warmup"] = 0.2  # 2 of the window's steps were the warm-up's plain mean: the natural mixture
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert weight_curve(tmp_path, "x", ["x", "y"])["weight"].tolist() == pytest.approx([0.5, 0.2 * 0.5 + 0.8 * 0.2])
 
 
 def test_each_run_gets_its_measures_and_a_run_without_planted_facts_none(tmp_path: Path) -> None:
