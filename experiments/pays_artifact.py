@@ -195,7 +195,11 @@ def step_ess(weights: np.ndarray, counts: np.ndarray, rule: str, shrink: float =
 
 def rule_points(run_dir: Path) -> dict[str, float] | None:
     """Per run: the mean over its weighed steps of each rule's ESS (:data:`RULES`), present clusters and singleton
-    clusters per step; None without a weight history."""
+    clusters per step; None without a weight history. A step whose weights gave the present clusters no usable
+    mass trained on the plain mean (``present_mass_is_usable``) and is left out, as the logged mean ESS leaves
+    it out."""
+    from dograph.method.mixer import present_mass_is_usable
+
     path = run_dir / "mixer" / "weights.csv"
     if not path.exists():
         return None
@@ -203,6 +207,10 @@ def rule_points(run_dir: Path) -> dict[str, float] | None:
     m = sum(1 for c in history.columns if c.startswith("w") and c[1:].isdigit())
     weights = history[[f"w{k}" for k in range(m)]].to_numpy(np.float64)
     counts = history[[f"n{k}" for k in range(m)]].to_numpy(np.int64)
+    weighed = np.array([present_mass_is_usable(w, n) for w, n in zip(weights, counts, strict=True)], dtype=bool)
+    weights, counts = weights[weighed], counts[weighed]
+    if not len(weights):
+        return None  # no weighed step (the run never left its warm-up)
     out = {"steps": float(len(history)), "present": float((counts > 0).sum(1).mean()),
            "singletons": float((counts == 1).sum(1).mean())}
     for _, key, rule, shrink in RULES:
@@ -328,7 +336,7 @@ class Variants:
 
 def _split_agreement(found: pd.DataFrame) -> dict[int, float]:
     """``{seed: ari_split}`` of DoGraph's clusters at each run's last kept checkpoint (``planted_clusters``)."""
-    from experiments.planted_artifact import CLUSTER_COLUMNS, CLUSTERS_FILE
+    from experiments.planted_artifact import CLUSTERS_FILE, has_cluster_columns
     from experiments.planted_clusters import cluster_agreement
     from experiments.run_files import checkpoint_points
 
@@ -336,7 +344,7 @@ def _split_agreement(found: pd.DataFrame) -> dict[int, float]:
     for _, row in found.iterrows():
         record = row.get("record")
         points = checkpoint_points(Path(row["run_dir"]), Path(record) if isinstance(record, str) else None,
-                                   CLUSTERS_FILE, cluster_agreement, columns=[k for _, k in CLUSTER_COLUMNS])
+                                   CLUSTERS_FILE, cluster_agreement, current=has_cluster_columns)
         if points is not None and not points.empty:
             out[int(row["seed"])] = float(points.sort_values("step")["ari_split"].iloc[-1])
     return out

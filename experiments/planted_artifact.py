@@ -19,7 +19,17 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.planted_measures import CLEAN, DOMAIN, FRESH, RATIO, SHARE, WEIGHT, measured_rows, weight_curves
+from experiments.planted_measures import (
+    CLEAN,
+    DOMAIN,
+    FRESH,
+    RATIO,
+    RESCORE,
+    SHARE,
+    WEIGHT,
+    measured_rows,
+    weight_curves,
+)
 from experiments.render import Table, save_figure
 from experiments.scale import RunRequest, Scale, make_request
 from experiments.stats import mean_ci
@@ -45,7 +55,7 @@ LABEL_BLIND = "cannot see the split (weighs the given domains)"
 PAIRED = ("Δ: per seed, the method's value minus Uniform's at the same seed, mean ± the 95% t-interval over the "
           "seeds both have (paired: below 0 is better than Uniform; an interval that excludes 0 is resolved against "
           "the noise it covers, for a staged method main-run noise only: see Shared stages).")
-EQUAL = "equal in every seed"  # a cell whose seeds agree exactly: a shared stage's mixture, Uniform's own Δ
+EQUAL = "equal in every seed"  # a weight cell whose seeds agree: a shared stage's mixture, Uniform's natural share
 WEIGHT_NOTE = ("Weight: the planted domain's effective weight averaged over training (each log record weighted by "
                "the steps it covers): the share of the sample weights on its samples for the steps a mixer "
                "weighed (Loss-based, DoGraph), else the sampling mixture in effect (the mixture methods, "
@@ -153,11 +163,13 @@ class PlantedScenario:
         lacking = {"Complete runs without planted facts in summary.json (made before they were written; no cell "
                    "uses them)": facts}
         if self.fresh:
-            lacking["Runs without a fresh-document loss of this sample (scored by an older rule, and no checkpoint "
-                    "of their last step here to re-score)"] = ~facts & rows[FRESH].isna()
+            older = rows[RESCORE] == 1.0
+            lacking["Runs without a fresh-document loss of this sample (they scored another, and no checkpoint of "
+                    "their last step is here to re-score)"] = ~facts & older & rows[FRESH].isna()
+            lacking["Runs whose fresh-document loss is not finite"] = ~facts & ~older & rows[FRESH].isna()
         if self.clusters:
             lacking["DoGraph runs without cluster rows (no kept checkpoint with K-means centroids)"] = (
-                (rows["method"] == "dograph") & rows[f"clusters/{CLUSTER_COLUMNS[0][1]}"].isna())
+                ~facts & (rows["method"] == "dograph") & rows[f"clusters/{CLUSTER_COLUMNS[0][1]}"].isna())
         return [f"{what}: {named(mask)}." for what, mask in lacking.items() if mask.any()]
 
     def _clusters(self, rows: pd.DataFrame) -> pd.DataFrame:
@@ -169,7 +181,7 @@ class PlantedScenario:
         for _, row in rows[rows["method"] == "dograph"].iterrows():
             record = row.get("record")
             points = checkpoint_points(Path(row["run_dir"]), Path(record) if isinstance(record, str) else None,
-                                       CLUSTERS_FILE, cluster_agreement, columns=[k for _, k in CLUSTER_COLUMNS])
+                                       CLUSTERS_FILE, cluster_agreement, current=has_cluster_columns)
             if points is not None:
                 frames.append(points.assign(method=row["method"], seed=int(row["seed"])))
         if not frames:
@@ -215,21 +227,31 @@ def _paired(rows: pd.DataFrame, requests: list[RunRequest], column: str, header:
     return [paired] if paired is not None else []
 
 
+def has_cluster_columns(kept: pd.DataFrame) -> bool:
+    """A kept ``planted_clusters.csv`` has every column the tables read (older code wrote fewer)."""
+    return {key for _, key in CLUSTER_COLUMNS} <= set(kept.columns)
+
+
 def _with_rescored_fresh(rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows with the fresh-document loss of the runs that scored an older sample re-scored from their final
-    checkpoint (``experiments.planted_fresh``; computed once, kept in ``derived/`` and the record)."""
-    redo = rows[DOMAIN].notna() & rows[FRESH].isna() if len(rows) else pd.Series(dtype=bool)
+    """The rows with the fresh-document loss of the runs that scored another sample than the current one
+    re-scored from their final checkpoint (``experiments.planted_fresh``; computed once, kept in ``derived/``
+    and the record; a kept score of another sample is computed again where the checkpoints are, else unused)."""
+    redo = rows[RESCORE] == 1.0 if len(rows) else pd.Series(dtype=bool)
     if not redo.any():
         return rows
-    from experiments.planted_fresh import FRESH_FILE, fresh_from_checkpoint  # torch: only when needed
+    from dograph.eval.planted import FRESH_SAMPLE  # torch: only when needed
+    from experiments.planted_fresh import FRESH_FILE, fresh_from_checkpoint
     from experiments.run_files import checkpoint_points
+
+    def current(kept: pd.DataFrame) -> bool:
+        return "sample" in kept and len(kept) > 0 and kept["sample"].iloc[-1] == FRESH_SAMPLE
 
     rows = rows.copy()
     for at in rows.index[redo]:
         record = rows.at[at, "record"] if "record" in rows else None
         points = checkpoint_points(Path(rows.at[at, "run_dir"]), Path(record) if isinstance(record, str) else None,
-                                   FRESH_FILE, fresh_from_checkpoint)
-        if points is not None and len(points):
+                                   FRESH_FILE, fresh_from_checkpoint, current=current)
+        if points is not None and current(points):
             rows.at[at, FRESH] = float(points["loss"].iloc[-1])
     return rows
 

@@ -121,7 +121,8 @@ def agreement_row(step: int, assign: np.ndarray, labelled: LabelledWindows, clus
     given = cluster_domain_agreement(assign, labelled.given, clusters, len(labelled.given_names))
     hidden = cluster_domain_agreement(assign, labelled.hidden, clusters, len(labelled.hidden_names))
     split = cluster_domain_agreement(assign[inside], labelled.hidden[inside], clusters, len(labelled.hidden_names))
-    homogeneity = float(homogeneity_score(labelled.hidden[inside], assign[inside])) if inside.any() else float("nan")
+    both = len(set(labelled.hidden[inside].tolist())) > 1  # with one half present, homogeneity is 1 trivially
+    homogeneity = float(homogeneity_score(labelled.hidden[inside], assign[inside])) if both else float("nan")
     return {"step": step, "windows": len(assign), "merged_windows": int(inside.sum()),
             "merged_documents": labelled.merged_documents, "clusters_in_merged": len(set(assign[inside].tolist())),
             "ari_hidden": hidden.ari, "nmi_hidden": hidden.nmi, "ari_given": given.ari, "nmi_given": given.nmi,

@@ -5,7 +5,9 @@ fresh windows were spread over the documents (their ``fresh`` entry has no ``sam
 fresh documents one after another, which on the embedded corpus scored two passages; for those, this
 rebuilds the model from the checkpoint of the run's last step and scores the same windows a run makes
 now (:func:`dograph.eval.planted.fresh_windows`), with validation's own scoring
-(:func:`dograph.train.validation.evaluate`, in float32 on the CPU as the runs were). The row is kept in
+(:func:`dograph.train.validation.evaluate`), in float32 on the CPU: the same computation as the run's only
+for a run trained on the CPU (``run_info.json`` ``device``), so a run trained elsewhere (bf16 autocast
+on a GPU) is not re-scored here and its table cell stays empty, named. The row is kept in
 the run's ``derived/`` and its record (``experiments.run_files.checkpoint_points``), so a record alone
 rebuilds the table. Heavy (torch, the corpus, a model rebuild): imported only when a duplicates table
 needs it.
@@ -14,6 +16,7 @@ needs it.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +40,8 @@ def fresh_from_checkpoint(run_dir: Path) -> pd.DataFrame | None:
     kept = checkpoints_of(run_dir)
     if not kept:
         return None  # a record, or a run that kept none
+    if json.loads((run_dir / "run_info.json").read_text()).get("device", "cpu") != "cpu":
+        return None  # scored in bf16 or on another device: a CPU float32 score would not be the run's
     cfg = load_run_config(run_dir)
     last = [path for step, path in kept if step == cfg.trainer.max_steps]
     if cfg.dataset.planted.scenario != "duplicates" or not last:

@@ -14,8 +14,9 @@ From ``summary.json`` (``natural_mixture``, ``final_eval``, ``planted``: ``dogra
   weighs each record by the steps it covers. Compared with the domain's natural share as a ratio
   (below 1: down-weighted);
 * duplicates: the loss on the replaced domain's **fresh documents** (never trained on), as the run scored
-  them; a run made before they were spread over the documents (its ``fresh`` has no ``sample``) gives
-  None here, and the table re-scores it from its final checkpoint (``experiments.planted_fresh``).
+  them when its ``fresh.sample`` is the current rule (``dograph.eval.planted.FRESH_SAMPLE``); a run that
+  scored another sample (made before the rule, or under another) gives None here and ``RESCORE`` 1, and
+  the table re-scores it from its final checkpoint (``experiments.planted_fresh``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ WEIGHT = "planted/weight"
 SHARE = "planted/share"
 RATIO = "planted/weight_ratio"
 FRESH = "planted/fresh_loss"
+RESCORE = "planted/fresh_rescore"  # 1.0: the run scored another fresh sample than the current one
 DOMAIN = "planted/domain"
-MEASURES = (CLEAN, WEIGHT, SHARE, RATIO, FRESH, DOMAIN)
+MEASURES = (CLEAN, WEIGHT, SHARE, RATIO, FRESH, RESCORE, DOMAIN)
 CURVE_COLUMNS = ["step", "weight", "source"]
 # The share of a log window's steps a reweighting mixer did not weigh (the plain mean): DoGraph's warm-up, Loss-based's
 # burn-in; train/effective_mixture covers the weighed steps only.
@@ -52,7 +54,8 @@ class PlantedRun:
     natural: dict[str, float]  # the natural mixture, per domain
     final_eval: dict[str, Any]
     domain: str  # the planted domain
-    fresh_loss: float | None  # duplicates: the loss on the fresh documents (None: scored by an older rule)
+    fresh_loss: float | None  # duplicates: the loss on the fresh documents of the current sample (None: none)
+    fresh_rescore: bool  # duplicates: the run scored another sample than the current one (experiments.planted_fresh)
 
 
 def read_planted_run(run_dir: Path) -> PlantedRun | None:
@@ -64,11 +67,15 @@ def read_planted_run(run_dir: Path) -> PlantedRun | None:
     planted, natural = summary.get("planted"), summary.get("natural_mixture")
     if not isinstance(planted, dict) or not isinstance(natural, dict):
         return None
-    fresh_entry = planted.get("fresh") or {}
-    fresh = fresh_entry.get("loss") if "sample" in fresh_entry else None  # older runs: experiments.planted_fresh
+    fresh, rescore = None, False
+    if isinstance(planted.get("fresh"), dict):
+        from dograph.eval.planted import FRESH_SAMPLE  # torch: only for a duplicates run
+
+        current = planted["fresh"].get("sample") == FRESH_SAMPLE
+        fresh, rescore = (planted["fresh"].get("loss") if current else None), not current
     return PlantedRun(list(summary.get("domains") or natural), {d: float(s) for d, s in natural.items()},
                       dict(summary.get("final_eval") or {}), str(planted["domain"]),
-                      None if fresh is None else float(fresh))
+                      None if fresh is None else float(fresh), rescore)
 
 
 def clean_loss(final_eval: Mapping[str, Any], natural: Mapping[str, float], leave_out: str | None) -> float | None:
@@ -125,7 +132,7 @@ def run_measures(run_dir: Path, leave_out_planted: bool) -> dict[str, Any]:
     share = run.natural.get(run.domain)
     return {CLEAN: clean_loss(run.final_eval, run.natural, run.domain if leave_out_planted else None),
             WEIGHT: weight, SHARE: share, RATIO: None if weight is None or not share else weight / share,
-            FRESH: run.fresh_loss, DOMAIN: run.domain}
+            FRESH: run.fresh_loss, RESCORE: float(run.fresh_rescore), DOMAIN: run.domain}
 
 
 def measured_rows(index: pd.DataFrame, requests: Sequence[RunRequest], leave_out_planted: bool) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,20 +48,21 @@ def run_and_record_of(index: pd.DataFrame, request: RunRequest) -> tuple[Path, P
 
 def checkpoint_points(run_dir: Path, record: Path | None, name: str,
                       compute: Callable[[Path], pd.DataFrame | None],
-                      columns: Sequence[str] = ()) -> pd.DataFrame | None:
+                      current: Callable[[pd.DataFrame], bool] | None = None) -> pd.DataFrame | None:
     """Points a figure computes from ``run_dir``'s checkpoints, kept as ``derived/<name>.csv``.
 
     A record keeps no checkpoints, so the points computed from the live run are written into the run
     and into its record (``record``); later builds (a fresh clone's from the record alone included)
     read them back. Always returned as read back from the CSV, so the figure drawn from a live run and
     from its record are the same bytes. ``compute`` may return None (nothing to draw from).
-    ``columns``: what the caller reads; a kept file without one of them (written by older code) is
-    computed again where the checkpoints still are, else returned as it is.
+    ``current``: whether a kept file is what the caller's code would compute (e.g. it has the columns the
+    caller reads); one that is not (written by older code) is computed again where the checkpoints still
+    are, else returned as it is.
     """
     cached = run_dir / DERIVED / f"{name}.csv"
     if cached.exists():
         kept = pd.read_csv(cached)
-        if set(columns) <= set(kept.columns):
+        if current is None or current(kept):
             return kept
         frame = compute(run_dir)
         if frame is None:

@@ -48,10 +48,12 @@ class Column:
 
     def cell(self, rows: pd.DataFrame) -> str:
         """The column's mean ± CI over ``rows`` (one run per seed) as a table cell; with ``when_equal``, values
-        equal to 1e-9 (relative: a ratio of equal numbers may differ in its last bits) are said to be equal."""
+        equal to 1e-9 of their largest magnitude (a ratio of equal numbers may differ in its last bits) are said
+        to be equal."""
         values = [v for _, row in rows.iterrows() if (v := self.value(row)) is not None and not math.isnan(v)]
         found = mean_ci(values)
-        if self.when_equal and found.n > 1 and max(values) - min(values) <= 1e-9 * max(1.0, abs(found.mean)):
+        spread = max(values) - min(values) if values else math.nan
+        if self.when_equal and found.n > 1 and spread <= 1e-9 * max(abs(v) for v in values):
             return f"{found.mean:.{self.digits}f} ({self.when_equal}, n={found.n})"
         return found.format(self.digits)
 

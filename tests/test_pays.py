@@ -142,8 +142,10 @@ def test_step_ess_is_each_rule_s_formula_at_the_logged_weights_and_counts() -> N
 
     counts, half = np.array([1, 7, 0]), np.array([0.5, 0.5, 0.3])  # an absent cluster's weight plays no part
     assert step_ess(half, counts, "cluster_mean") == pytest.approx(1 / (8 * (0.25 / 1 + 0.25 / 7)))  # 0.4375
-    assert step_ess(half, counts, "equal") == pytest.approx(step_ess(half, counts, "cluster_mean"))
     assert step_ess(half, counts, "tilt") == pytest.approx(1.0)  # equal weights: the plain mean
+    tilted = np.array([0.9, 0.1, 0.0])  # "equal" ignores the weights, cluster_mean does not
+    assert step_ess(tilted, counts, "equal") == pytest.approx(0.4375)
+    assert step_ess(tilted, counts, "cluster_mean") == pytest.approx(1 / (8 * (0.81 / 1 + 0.01 / 7)))  # 0.154
     skew = np.array([0.8, 0.2, 0.0])
     v = np.array([0.8] + [0.2] * 7) / (0.8 + 1.4)  # tilt: v_i proportional to w_c
     assert step_ess(skew, counts, "tilt") == pytest.approx(v.sum() ** 2 / (8 * (v ** 2).sum()))

@@ -25,6 +25,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import REPO
 
+from dograph.eval.planted import FRESH_SAMPLE
 from experiments.index import build_index
 from experiments.planted import PLANTED_ARTIFACTS
 from experiments.planted_measures import (
@@ -100,7 +101,7 @@ def make_planted_run(root: Path, scale: Scale, method: str, scenario: str, seed:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     report = {"scenario": scenario, "domain": planted, "share": natural[planted]}
     if scenario == "duplicates":
-        report["fresh"] = {"domain": "books", "windows": 16, "documents": 16, "sample": "spread",
+        report["fresh"] = {"domain": "books", "windows": 16, "documents": 16, "sample": FRESH_SAMPLE,
                            "loss": base + 0.7 - 0.5 * shift}
     summary = {"status": "complete", "completed_at": "2025-01-01T12:00:00+00:00", "steps": 20, "tokens_seen": 100,
                "train_time_s": 10.0, "eval_time_s": 1.0, "ckpt_time_s": 1.0, "domains": domains,
@@ -490,7 +491,7 @@ def test_a_run_scored_by_the_older_rule_is_rescored_from_its_last_checkpoint_exa
     assert rescored is not None and int(rescored["step"].iloc[0]) == 8
     assert float(rescored["loss"].iloc[0]) == pytest.approx(summary["planted"]["fresh"]["loss"], abs=1e-6)
     old = shutil.copytree(run, tmp_path / "old_run")  # as a run made before the rule: its fresh has no sample
-    summary["planted"]["fresh"] = {"domain": "docs", "windows": 4, "loss": 99.0}
+    summary["planted"]["fresh"] = {"domain": "docs", "windows": 4, "loss": 99.0}  # no sample: made before the rule
     (old / "summary.json").write_text(json.dumps(summary))
     here = replace(tiny_study, methods=["uniform"], scenarios=["duplicates"], runs_root=tmp_path,
                    results_dir=tmp_path / "results")
@@ -512,13 +513,23 @@ def test_a_run_without_planted_facts_or_a_rescorable_fresh_loss_is_named_not_dro
     bare.write_text(json.dumps({k: v for k, v in summary.items() if k != "planted"}))
     older = tmp_path / "duplicates-dograph-0" / "summary.json"  # an older sample and no checkpoint to re-score
     summary = json.loads(older.read_text())
-    summary["planted"]["fresh"].pop("sample")
+    summary["planted"]["fresh"]["sample"] = "the first 16 windows in file order"
     older.write_text(json.dumps(summary))
+    kept = tmp_path / "duplicates-dograph-0" / "derived"  # a kept re-score of yet another sample: not used either
+    kept.mkdir()
+    pd.DataFrame([{"step": 20, "windows": 8, "documents": 8, "sample": "8 documents", "loss": 1.0}]).to_csv(
+        kept / "planted_fresh.csv", index=False)
+    diverged = tmp_path / "duplicates-loss_based-0" / "summary.json"  # the current sample, a non-finite loss
+    summary = json.loads(diverged.read_text())
+    summary["planted"]["fresh"]["loss"] = None
+    diverged.write_text(json.dumps(summary))
     PLANTED_ARTIFACTS["planted_duplicates"].build(build_index([tmp_path]), scale, tmp_path / "out")
     notes = [line for line in (tmp_path / "out" / "planted_duplicates.md").read_text().splitlines()
              if line.startswith("- ")]
     assert any(n.startswith("- Complete runs without planted facts") and n.endswith(": DoReMi seed 1.") for n in notes)
     assert any(n.startswith("- Runs without a fresh-document loss") and n.endswith(": DoGraph seed 0.") for n in notes)
+    assert any(n.startswith("- Runs whose fresh-document loss is not finite") and n.endswith(": Loss-based seed 0.")
+               for n in notes)
 
 
 def test_within_the_merged_domain_a_clean_split_is_homogeneous_and_the_labels_are_not_swapped() -> None:
@@ -549,10 +560,13 @@ def test_kept_points_written_by_older_code_are_computed_again_where_the_checkpoi
         (where / "derived").mkdir(parents=True)
         pd.DataFrame({"step": [1], "old": [0.5]}).to_csv(where / "derived" / "p.csv", index=False)
     now = pd.DataFrame({"step": [1], "old": [0.5], "new": [0.25]})
-    assert list(checkpoint_points(run, record, "p", lambda d: now, columns=["old"]).columns) == ["step", "old"]
-    gone = checkpoint_points(record, None, "p", lambda d: None, columns=["new"])  # a record: nothing to recompute
+    def has(column: str):
+        return lambda kept: column in kept.columns
+
+    assert list(checkpoint_points(run, record, "p", lambda d: now, current=has("old")).columns) == ["step", "old"]
+    gone = checkpoint_points(record, None, "p", lambda d: None, current=has("new"))  # a record: nothing to recompute
     assert list(gone.columns) == ["step", "old"]
-    assert checkpoint_points(run, record, "p", lambda d: now, columns=["new"])["new"].tolist() == [0.25]
+    assert checkpoint_points(run, record, "p", lambda d: now, current=has("new"))["new"].tolist() == [0.25]
     assert pd.read_csv(record / "derived" / "p.csv")["new"].tolist() == [0.25]  # the record gets the new file too
 
 

@@ -203,10 +203,12 @@ def spread_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, count: in
 
 def evenly_spaced(items: Sequence[Any], count: int) -> list[Any]:
     """``count`` items at evenly spaced positions from the first to the last (all of them when there are fewer)."""
+    if count <= 0:
+        return []
     if count >= len(items):
         return list(items)
-    if count <= 1:
-        return list(items[:count])
+    if count == 1:
+        return [items[0]]
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 # ---- validation hold-out -------------------------------------------------------------------------------
