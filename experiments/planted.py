@@ -22,6 +22,7 @@ _ALL = (
     PlantedScenario("planted_hidden_split", "Planted hidden split: code and latex under one label",
                     scenario="hidden_split", domain="code+latex", leave_out_planted=False, clusters=True,
                     right_answer="for DoGraph's claim, its clusters separate code from latex inside code+latex "
-                                 "(ARI within code+latex above 0); the label-based methods cannot see the split."),
+                                 "(ARI within code+latex above 0, homogeneity above its chance level); the "
+                                 "label-based methods cannot see the split."),
 )
 PLANTED_ARTIFACTS: dict[str, PlantedScenario] = {artifact.name: artifact for artifact in _ALL}

@@ -48,7 +48,8 @@ from experiments.tables import (
 CLUSTERS_FILE = "planted_clusters"  # derived/<this>.csv of a DoGraph run: experiments.planted_clusters
 CLUSTER_COLUMNS = (("ARI vs hidden", "ari_hidden"), ("ARI vs given", "ari_given"), ("NMI vs hidden", "nmi_hidden"),
                    ("NMI vs given", "nmi_given"), ("ARI within {domain}", "ari_split"),
-                   ("Homogeneity within {domain}", "homogeneity_split"))
+                   ("Homogeneity within {domain}", "homogeneity_split"),
+                   ("Homogeneity at chance", "homogeneity_chance"))
 # Why a method's cluster cells hold no number (docs/design.md section 4.5).
 NO_CLUSTERS = {"uniform": "does not adapt", "loss_based": "no clusters (weighs samples by loss)"}
 LABEL_BLIND = "cannot see the split (weighs the given domains)"
@@ -142,7 +143,8 @@ class PlantedScenario:
                       "ones (its two halves). Within " + domain + ": its windows alone against the hidden labels; "
                       "ARI is 0 at chance and 1 only when each half is one cluster of its own (a clean cut into "
                       "3 + 2 clusters scores about 0.4); homogeneity is 1 whenever no cluster mixes the halves, "
-                      "however many clusters each takes (not corrected for chance). Every kept checkpoint: "
+                      "however many clusters each takes, and is not corrected for chance: at chance, its mean over "
+                      "200 shuffles of the halves' labels among the same clusters. Every kept checkpoint: "
                       f"{self.name}_clusters.csv and the figure.",
                       "DoReMi, DoGE, RegMix and Data Mixing Laws weigh the human domains they are given: " + domain
                       + " is one domain to them, so they cannot react to the split, only to the merged domain as a "

@@ -15,7 +15,9 @@ The assignment is compared (ARI, NMI: ``dograph.method.graph.cluster_domain_agre
   cluster included), 1 only when each half falls in one cluster of its own; a clean split into several
   clusters per half scores lower (3 + 2 pure clusters of 62 windows: 0.40), so beside it
   ``homogeneity_split`` (Rosenberg and Hirschberg, 2007: ``1 - H(half | cluster) / H(half)``), which is 1
-  whenever no cluster mixes the halves however many clusters each half takes (not corrected for chance).
+  whenever no cluster mixes the halves however many clusters each half takes; it is not corrected for
+  chance, so ``homogeneity_chance`` gives its mean over :data:`CHANCE_SHUFFLES` shuffles of the halves'
+  labels among the same clusters (what clusters of these sizes score knowing nothing of the halves).
 
 Windows (our choice): held-out documents only (the run's hold-out rule), each window inside one
 document, spread over the documents: up to :data:`WINDOWS_PER_GROUP` per domain and per hidden half of
@@ -54,7 +56,8 @@ from experiments.run_files import checkpoints_of, load_run_config, rebuild_model
 
 WINDOWS_PER_GROUP = 32
 COLUMNS = ["step", "windows", "merged_windows", "merged_documents", "clusters_in_merged", "ari_hidden", "nmi_hidden",
-           "ari_given", "nmi_given", "ari_split", "nmi_split", "homogeneity_split"]
+           "ari_given", "nmi_given", "ari_split", "nmi_split", "homogeneity_split", "homogeneity_chance"]
+CHANCE_SHUFFLES = 200  # permutations of the halves' labels for homogeneity_chance (seeded: rebuilds are identical)
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,17 @@ def agreement_row(step: int, assign: np.ndarray, labelled: LabelledWindows, clus
     given = cluster_domain_agreement(assign, labelled.given, clusters, len(labelled.given_names))
     hidden = cluster_domain_agreement(assign, labelled.hidden, clusters, len(labelled.hidden_names))
     split = cluster_domain_agreement(assign[inside], labelled.hidden[inside], clusters, len(labelled.hidden_names))
-    both = len(set(labelled.hidden[inside].tolist())) > 1  # with one half present, homogeneity is 1 trivially
-    homogeneity = float(homogeneity_score(labelled.hidden[inside], assign[inside])) if both else float("nan")
+    halves, clusters_inside = labelled.hidden[inside], assign[inside]
+    both = len(set(halves.tolist())) > 1  # with one half present, homogeneity is 1 trivially
+    homogeneity = float(homogeneity_score(halves, clusters_inside)) if both else float("nan")
+    shuffles = np.random.default_rng(0)
+    chance = float(np.mean([homogeneity_score(shuffles.permutation(halves), clusters_inside)
+                            for _ in range(CHANCE_SHUFFLES)])) if both else float("nan")
     return {"step": step, "windows": len(assign), "merged_windows": int(inside.sum()),
             "merged_documents": labelled.merged_documents, "clusters_in_merged": len(set(assign[inside].tolist())),
             "ari_hidden": hidden.ari, "nmi_hidden": hidden.nmi, "ari_given": given.ari, "nmi_given": given.nmi,
-            "ari_split": split.ari, "nmi_split": split.nmi, "homogeneity_split": homogeneity}
+            "ari_split": split.ari, "nmi_split": split.nmi, "homogeneity_split": homogeneity,
+            "homogeneity_chance": chance}
 
 
 def cluster_agreement(run_dir: Path, per_group: int = WINDOWS_PER_GROUP) -> pd.DataFrame | None:

@@ -113,7 +113,7 @@ def make_planted_run(root: Path, scale: Scale, method: str, scenario: str, seed:
                        "clusters_in_merged": 2 + k, "ari_hidden": 0.20 + 0.1 * k + 0.02 * seed,
                        "nmi_hidden": 0.30 + 0.1 * k, "ari_given": 0.15 + 0.05 * k, "nmi_given": 0.25 + 0.05 * k,
                        "ari_split": 0.10 + 0.2 * k + 0.03 * seed, "nmi_split": 0.12 + 0.2 * k,
-                       "homogeneity_split": 0.3 + 0.2 * k}
+                       "homogeneity_split": 0.3 + 0.2 * k, "homogeneity_chance": 0.1}
                       for k, step in enumerate((10, 20))]).to_csv(run / "derived" / "planted_clusters.csv",
                                                                   index=False)
     return run
@@ -290,7 +290,7 @@ def test_the_hidden_split_table_says_why_other_methods_have_no_clusters(tmp_path
     assert "no clusters" in lines["Loss-based"]
     cluster_cells = lines["DoGraph"].split(" | ")[-5:]
     assert all(any(ch.isdigit() for ch in cell) for cell in cluster_cells)  # DoGraph: numbers, at its last step
-    assert cluster_cells[-2].startswith("0.32 ± ")  # ARI within code+latex at step 20 (0.30, 0.33), not step 10's
+    assert cluster_cells[-3].startswith("0.32 ± ")  # ARI within code+latex at step 20 (0.30, 0.33), not step 10's
     clusters = pd.read_csv(tmp_path / "out" / "planted_hidden_split_clusters.csv")
     assert set(clusters["step"]) == {10, 20} and set(clusters["method"]) == {"dograph"}
 
@@ -545,11 +545,13 @@ def test_within_the_merged_domain_a_clean_split_is_homogeneous_and_the_labels_ar
     clean = np.array([0] * 10 + [1] * 10 + [2] * 10 + [3] * 11 + [4] * 15 + [5] * 16)  # halves in 3 + 2 clusters
     row = agreement_row(100, clean, labelled, clusters=11)
     assert row["homogeneity_split"] == pytest.approx(1.0) and 0.3 < row["ari_split"] < 0.5
+    assert 0.0 < row["homogeneity_chance"] < 0.2  # 6 clusters of 10-16 windows that know nothing of the halves
     assert row["ari_hidden"] > row["ari_given"]  # the clusters follow the halves, which only the hidden labels have
     blind = np.array([0] * 10 + [1] * 62)  # one cluster per given domain: perfect on the given labels
     row = agreement_row(100, blind, labelled, clusters=11)
     assert row["ari_given"] == pytest.approx(1.0) and row["ari_hidden"] < 1.0
     assert row["ari_split"] == pytest.approx(0.0) and row["homogeneity_split"] == pytest.approx(0.0)
+    assert row["homogeneity_chance"] == pytest.approx(0.0)
 
 
 def test_kept_points_written_by_older_code_are_computed_again_where_the_checkpoints_are(tmp_path: Path) -> None:
