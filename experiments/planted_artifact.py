@@ -281,7 +281,9 @@ def _explain_cluster_cells(cells: list[list[str]], methods: list[str], count: in
 def _agreement_panel(ax: Any, clusters: pd.DataFrame, domain: str) -> None:
     for key, label, style in (("ari_split", f"ARI within {domain} (hidden halves)", "o-"),
                               ("ari_hidden", "ARI vs hidden labels", "s--"), ("ari_given", "ARI vs given labels", "^:"),
-                              ("nmi_split", f"NMI within {domain}", "D-.")):
+                              ("nmi_split", f"NMI within {domain}", "D-."),
+                              ("homogeneity_split", f"homogeneity within {domain}", "v-"),
+                              ("homogeneity_chance", "its chance level (halves shuffled)", "x:")):
         steps = sorted(clusters["step"].unique())
         estimates = [mean_ci(clusters.loc[clusters["step"] == s, key]) for s in steps]
         ax.errorbar(steps, [e.mean for e in estimates], yerr=[0 if e.n < 2 else e.half_width for e in estimates],
