@@ -35,6 +35,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,28 @@ TIMES = ("train_time_s", "eval_time_s", "ckpt_time_s")  # summary.json's seconds
 RECORD_FILE = "record.json"  # marks a run record (experiments.records)
 DERIVED = "derived"  # points a figure computed from a run's checkpoints, kept in the run and its record
 LAUNCH_FILE = "launch.json"  # the scheduler's wall seconds of a run it trained (experiments.runs)
+RUNNING_SUFFIX = ".running"  # <run dir>.running beside a run the scheduler is training: the process's pid
+
+
+def running_marker(run_dir: Path) -> Path:
+    """The file the scheduler keeps beside ``run_dir`` while its process runs (not inside: run.py owns the dir)."""
+    return run_dir.with_name(run_dir.name + RUNNING_SUFFIX)
+
+
+def in_flight(run_dir: Path) -> bool:
+    """Whether a scheduler's process is still training ``run_dir``: its summary may already say complete while
+    the process still evaluates, exports and writes ``launch.json``, so it must not be recorded yet."""
+    try:
+        pid = int(running_marker(run_dir).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # the process is gone (a scheduler that was killed): the run is as it is
+    except PermissionError:
+        return True
+    return True
 
 
 def dataset_label(dataset: str, scenario: Any = None) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from dograph.atomic import publish_directory
-from experiments.index import DERIVED, RECORD_FILE, dataset_label, hydra_choices, read_run
+from experiments.index import DERIVED, RECORD_FILE, dataset_label, hydra_choices, in_flight, read_run
 from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides, same_identity
 
 RECORD_FORMAT = 1
@@ -130,7 +130,8 @@ def record_missing(index: pd.DataFrame, requests: list[RunRequest], root: Path, 
             continue
         row = found.iloc[-1]
         inside = runs_root is None or Path(row["run_dir"]).resolve().is_relative_to(runs_root.resolve())
-        if row.get("source") == "run" and not isinstance(row.get("record"), str) and inside:
+        if row.get("source") == "run" and not isinstance(row.get("record"), str) and inside \
+                and not in_flight(Path(row["run_dir"])):  # a scheduler's run still finishing: its own to record
             written.append(write_record(Path(row["run_dir"]), root))
     return written
 

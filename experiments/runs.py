@@ -15,7 +15,7 @@ from typing import IO
 
 import pandas as pd
 
-from experiments.index import LAUNCH_FILE
+from experiments.index import LAUNCH_FILE, running_marker
 from experiments.scale import REPO, RunRequest, Scale, find_run, request_overrides
 
 
@@ -117,6 +117,9 @@ def train_missing(requests: list[RunRequest], scale: Scale, *, jobs: int = 1, bu
                 handle = open(log_path, "w")  # noqa: SIM115 (closed when the job ends)
                 process = subprocess.Popen(run_command(request, scale), stdout=handle, stderr=subprocess.STDOUT,
                                            cwd=REPO, env=env)
+                marker = running_marker(request.run_dir(scale))
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{process.pid}\n")
                 running.append(_Job(request, process, handle, log_path, time.time()))
             if not running:
                 break
@@ -131,6 +134,8 @@ def train_missing(requests: list[RunRequest], scale: Scale, *, jobs: int = 1, bu
                     (run_dir / LAUNCH_FILE).write_text(json.dumps(
                         {"wall_s": round(wall, 1), "threads": threads, "jobs": jobs,
                          "cores": os.cpu_count()}, indent=1) + "\n")
+                running_marker(job.request.run_dir(scale)).unlink(missing_ok=True)
+                if code == 0:
                     outcome.done.append(job.request)
                     print(f"      done: {job.request.label()} in {wall:.0f} s", flush=True)
                     if on_done is not None:

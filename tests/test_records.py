@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 import sys
 from dataclasses import replace
@@ -136,6 +137,46 @@ def test_the_scheduler_starts_only_what_fits_in_the_budget_in_order(tmp_path: Pa
     assert [r.seed for r in outcome.done] == [0] == done
     assert [r.seed for r in outcome.not_started] == [1, 2]  # seed 2 would fit, but it comes after seed 1
     assert json.loads((requests[0].run_dir(scale) / "launch.json").read_text())["jobs"] == 2
+
+
+def test_a_run_the_scheduler_is_still_finishing_is_not_recorded_by_another_process(tmp_path: Path) -> None:
+    """A run's summary says complete before its process has evaluated, exported and been given launch.json: a
+    second process (``reproduce --no-train``) must leave it to the scheduler, until that process is gone."""
+    import subprocess
+
+    from experiments.index import in_flight, running_marker
+    from experiments.records import record_missing
+
+    scale = synthetic_scale(tmp_path / "runs")
+    run = staged_run(tmp_path / "runs", scale, "u0", "uniform", 0)
+    request = make_request(scale, "uniform", "gpt2_tiny", "embedded", 0)
+    index = build_index([tmp_path / "runs"])
+    running_marker(run).write_text(f"{os.getpid()}\n")  # a live process
+    assert in_flight(run) and record_missing(index, [request], tmp_path / "records") == []
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    running_marker(run).write_text(f"{gone.pid}\n")  # its scheduler was killed: the run is as it is
+    assert not in_flight(run) and len(record_missing(index, [request], tmp_path / "records")) == 1
+
+
+def test_the_scheduler_marks_a_run_while_its_process_runs(tmp_path: Path, monkeypatch) -> None:
+    scale = replace(synthetic_scale(tmp_path), runs_root=tmp_path)
+    request = make_request(scale, "uniform", "gpt2_tiny", "embedded", 0)
+    seen = []
+
+    def fake_command(request: RunRequest, at: Scale) -> list[str]:
+        request.run_dir(at).mkdir(parents=True, exist_ok=True)
+        marker = request.run_dir(at).with_name(request.run_dir(at).name + ".running")
+        wait = (f"import pathlib, time\np = pathlib.Path({str(marker)!r})\n"  # written just after the start
+                "for _ in range(200):\n    if p.exists() and p.read_text().strip():\n        break\n"
+                "    time.sleep(0.05)\nprint(p.read_text())")
+        return [sys.executable, "-c", wait]
+
+    monkeypatch.setattr("experiments.runs.run_command", fake_command)
+    train_missing([request], scale, jobs=1, on_done=lambda r, d: seen.append(d))
+    log = next((tmp_path / "logs").iterdir()).read_text()
+    assert log.strip().isdigit() and seen  # the child read its own pid in the marker
+    assert not request.run_dir(scale).with_name(request.run_dir(scale).name + ".running").exists()
 
 
 def test_the_estimate_reads_the_runs_recorded_so_far(tmp_path: Path) -> None:
