@@ -94,6 +94,11 @@ def _batch_label(scale: Scale, batch: str) -> str:
     return f"batch {sizes[0] if sizes else 16} x {(steps or common_steps or ['?'])[0]} steps"
 
 
+def ess_cells(scale: Scale) -> list[tuple[str, int, Arm, Arm]]:
+    """The (batch, m) cells of question 1 with DoGraph's and Uniform's arms (``study.ess_cost``)."""
+    return [(batch, int(m), *_batch_arms(scale, batch, int(m))) for batch, m in scale.study["ess_cost"]]
+
+
 @dataclass(frozen=True)
 class EssCost:
     """Question 1: DoGraph's loss penalty against Uniform against the mean ESS of its weights."""
@@ -103,7 +108,7 @@ class EssCost:
     setting: str = "embedded"
 
     def cells(self, scale: Scale) -> list[tuple[str, int, Arm, Arm]]:
-        return [(batch, int(m), *_batch_arms(scale, batch, int(m))) for batch, m in scale.study["ess_cost"]]
+        return ess_cells(scale)
 
     def requests(self, scale: Scale) -> list[RunRequest]:
         out: list[RunRequest] = []
@@ -229,12 +234,12 @@ class EssRules:
     setting: str = "embedded"
 
     def requests(self, scale: Scale) -> list[RunRequest]:
-        return [r for _, _, dograph, _ in EssCost("", "").cells(scale)
+        return [r for _, _, dograph, _ in ess_cells(scale)
                 for r in dograph.requests(scale, self.setting, scale.seeds)]
 
     def points(self, index: pd.DataFrame, scale: Scale) -> pd.DataFrame:
         records = []
-        for batch, m, dograph, _ in EssCost("", "").cells(scale):
+        for batch, m, dograph, _ in ess_cells(scale):
             found = rows_for(index, dograph.requests(scale, self.setting, scale.seeds))
             for _, row in found.iterrows():
                 values = rule_points(Path(row["run_dir"]))
@@ -247,7 +252,7 @@ class EssRules:
         points = self.points(index, scale)
         keys = [r[1] for r in RULES]
         rows = []
-        for batch, m, _, _ in EssCost("", "").cells(scale):
+        for batch, m, _, _ in ess_cells(scale):
             mine = points[(points["batch"] == batch) & (points["m"] == m)]
             by_seed = {key: dict(zip(mine["seed"], mine[key], strict=True)) for key in ("present", "singletons", *keys)}
             rows.append([_batch_label(scale, batch), str(m), cell(by_seed["present"], 1),

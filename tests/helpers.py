@@ -141,3 +141,20 @@ def rank_batches(step: int, rank: int, world: int, micro: int = 1, num_domains: 
 def assert_same_gradients(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], step: int) -> None:
     for name, grad in expected.items():
         assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), (step, name)
+
+
+def committed_records_scale(name: str, tmp_path: Path):
+    """``(results/<name>/, a copy of its records' folder, the scale reading only that copy)``: a fresh clone's view of
+    the committed records, for tests that rebuild the committed artifacts from them (skips without records)."""
+    import shutil
+
+    import pytest
+
+    from experiments.scale import load_scale
+
+    committed = REPO / "results" / name
+    if not (committed / "runs").is_dir():
+        pytest.skip(f"no committed {name} records")
+    results = tmp_path / "results"
+    shutil.copytree(committed / "runs", results / "runs")
+    return committed, results, load_scale(name, runs_root=tmp_path / "no-runs-here", results_dir=results)

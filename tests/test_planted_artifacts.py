@@ -337,14 +337,9 @@ def test_the_committed_planted_artifacts_rebuild_byte_identical_from_the_committ
 def test_the_committed_planted_results_rebuild_from_their_records(tmp_path: Path) -> None:
     """The real thing: every file of ``results/planted/`` from ``results/planted/runs/`` alone, byte for byte (a
     change to the tables' code must come with the rebuilt files: ``reproduce planted --scale planted --no-train``)."""
-    from experiments.scale import REPO
+    from helpers import committed_records_scale
 
-    committed = REPO / "results" / "planted"
-    if not (committed / "runs").is_dir():
-        pytest.skip("no committed planted records")
-    results = tmp_path / "results"
-    shutil.copytree(committed / "runs", results / "runs")
-    scale = load_scale("planted", runs_root=tmp_path / "no-runs-here", results_dir=results)
+    committed, results, scale = committed_records_scale("planted", tmp_path)
     reproduce(artifacts_named(["planted"]), scale, train=False)
     names = sorted(p.name for p in committed.iterdir() if p.is_file())
     assert {"planted_noise.md", "planted_duplicates.md", "planted_hidden_split.md", "index.csv"} <= set(names)

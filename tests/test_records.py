@@ -232,15 +232,11 @@ def test_the_committed_artifacts_rebuild_byte_identical_from_the_committed_recor
 def test_the_committed_cpu_comparison_rebuilds_from_its_records(tmp_path: Path) -> None:
     """The real thing: Tables 1-2 and Figure 5 of ``results/cpu/`` from ``results/cpu/runs/`` alone, byte for byte
     (a change to the tables' code must come with the rebuilt files: ``reproduce paper --scale cpu --no-train``)."""
-    from experiments.paper import ARTIFACTS
-    from experiments.scale import REPO, load_scale
+    from helpers import committed_records_scale
 
-    committed = REPO / "results" / "cpu"
-    if not (committed / "runs").is_dir():
-        pytest.skip("no committed cpu records")
-    results = tmp_path / "results"
-    shutil.copytree(committed / "runs", results / "runs")
-    scale = load_scale("cpu", runs_root=tmp_path / "no-runs-here", results_dir=results)
+    from experiments.paper import ARTIFACTS
+
+    committed, results, scale = committed_records_scale("cpu", tmp_path)
     requests = needed_runs([ARTIFACTS[n] for n in ("table2",)], scale)
     assert stale_records(build_index([results / "runs"]), requests, scale) == []
     for name in ("table1", "table2", "figure5"):
